@@ -1,0 +1,189 @@
+"""The paper's sample weights: pure functions of tensors (no torch.distributed).
+
+    f  -> h = 2 (f - f_min) / (f_max - f_min) - 1         Alg. 1 line 5 (alpha = 1)
+    h  -> s = strategy(h)                                  Section 4.2
+    s  -> w = softmax(s / r)                               Eq. (4)
+    w  -> min(lambda w, c / b), sum = 1  (optional cap)     Proposition 1 / Eq. (5)
+
+Everything stays on the tensor's device with no host synchronisation and no
+Python branching on tensor values, so `torch.compile(fullgraph=True)` traces it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+STRATEGIES = ("uniform", "linupper", "quadratic", "extremes", "dro_kl")
+ANNEALS = ("constant", "linear", "cosine")
+
+# The paper's guard (Listing 1): a range below this means "all losses equal".
+RANGE_EPS = 1e-6
+
+
+def max_weight_bound(b: int | torch.Tensor, c: float = 2.0):
+    """Theorem 1's precondition: no weight above c/b (c = 2 in the paper)."""
+    return c / b
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"unknown reweighting strategy {strategy!r}; valid strategies: {', '.join(STRATEGIES)}"
+        )
+
+
+def _check_temperature(temperature) -> None:
+    if isinstance(temperature, torch.Tensor):
+        return  # a device tensor: checked by the schedule that produced it (no host sync here)
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def normalize(losses: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Alg. 1 line 5: map valid losses linearly onto [-1, 1]; 0 where the range is ~0."""
+    big = torch.finfo(losses.dtype).max
+    f_min = torch.where(valid, losses, big).amin()
+    f_max = torch.where(valid, losses, -big).amax()
+    span = f_max - f_min
+    flat = span <= RANGE_EPS  # also true when no sample is valid (span < 0)
+    h = 2.0 * (losses - f_min) / torch.where(flat, 1.0, span) - 1.0
+    return torch.where(flat | ~valid, 0.0, h)
+
+
+def strategy_scores(h: torch.Tensor, strategy: str) -> torch.Tensor:
+    """Section 4.2 with alpha = 1: the strategic score s_i of a normalized loss h_i."""
+    if strategy == "uniform":
+        return torch.zeros_like(h)
+    if strategy == "linupper":
+        return torch.clamp(h + 1.0, max=1.0)  # min(h + 1, 1)
+    if strategy == "quadratic":
+        return 1.0 - h * h
+    if strategy == "extremes":
+        return h.abs()
+    raise ValueError(f"strategy {strategy!r} has no normalized score")
+
+
+def cap_weights(w: torch.Tensor, cap: float, valid: torch.Tensor) -> torch.Tensor:
+    """KL projection of w (summing to 1) onto {w >= 0, sum w = 1, w_i <= cap / b}.
+
+    The projection has Proposition 1's form w_i = min(lambda w_i, cap / b), lambda >= 1. The
+    saturated set is the k largest weights; with them pinned at u = cap / b the rest scale by
+    lambda_k = (1 - k u) / (sum of the rest), and the answer is the smallest k whose first
+    unsaturated weight stays under u. One sort and a scan: exact, branch-free, compilable.
+    """
+    b = valid.sum().clamp(min=1).to(w.dtype)
+    u = cap / b
+    ws, _ = torch.sort(w, descending=True)
+    k = torch.arange(w.numel(), device=w.device, dtype=w.dtype)  # how many are pinned at u
+    rest = ws.flip(0).cumsum(0).flip(0)  # rest[k] = ws[k] + ws[k+1] + ...
+    lam = (1.0 - k * u) / rest.clamp(min=torch.finfo(w.dtype).tiny)
+    fits = (lam * ws <= u) & (1.0 - k * u > 0)
+    # First k that fits; if none does (fewer than b / cap non-zero weights), pin all of them.
+    first = torch.where(fits.any(), fits.to(torch.int8).argmax(), w.numel() - 1)
+    capped = torch.minimum(lam.gather(0, first.reshape(1)) * w, u)
+    return capped / capped.sum().clamp(min=torch.finfo(w.dtype).tiny)
+
+
+def sample_weights(
+    losses: torch.Tensor,
+    strategy: str,
+    temperature: float | torch.Tensor,
+    *,
+    cap: float | None = None,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weights for one reweighting group (the gathered batch, in DP-rank order).
+
+    Invalid samples (mask False or non-finite loss) get exactly 0 and don't count in b,
+    f_min or f_max. Valid weights sum to 1 (all zero when nothing is valid). Computed in
+    float32 whatever the input dtype; returned in float32.
+    """
+    _check_strategy(strategy)
+    _check_temperature(temperature)
+    if cap is not None and not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap >= 1):
+        raise ValueError(f"cap must be a number >= 1 (max weight = cap / b), got {cap!r}")
+    if losses.dim() != 1:
+        raise ValueError(f"losses must be 1-D (one loss per sample), got shape {tuple(losses.shape)}")
+    if valid is not None and valid.shape != losses.shape:
+        raise ValueError(
+            f"valid mask shape {tuple(valid.shape)} does not match losses shape {tuple(losses.shape)}"
+        )
+
+    f = losses.detach().float()
+    ok = torch.isfinite(f)
+    if valid is not None:
+        ok = ok & valid.to(device=f.device, dtype=torch.bool)
+    f = torch.where(ok, f, 0.0)
+
+    if strategy == "dro_kl":  # Table 12 baseline: softmax of the raw loss
+        s = f
+    else:
+        s = strategy_scores(normalize(f, ok), strategy)
+
+    # Eq. (4), stable: subtract the max valid score before exp.
+    z = torch.where(ok, s / temperature, -torch.inf)
+    z = z - torch.where(ok, z, -torch.finfo(z.dtype).max).amax()
+    e = torch.where(ok, torch.exp(z), 0.0)
+    w = e / e.sum().clamp(min=torch.finfo(e.dtype).tiny)
+
+    if cap is not None:
+        w = torch.where(ok, cap_weights(w, float(cap), ok), 0.0)
+    return w
+
+
+@dataclass
+class TemperatureSchedule:
+    """Appendix A.2: r = warmup_value for `warmup_steps`, then the target.
+
+    `anneal="constant"` jumps to the target; `"linear"`/`"cosine"` go from warmup_value to
+    target over `anneal_steps` after the warm-up. Steps count from 1 like TorchTitan's.
+    Checkpointable: its state is the step it was last asked for.
+    """
+
+    target: float = 1.0
+    warmup_value: float = 100.0
+    warmup_steps: int = 0
+    anneal: str = "constant"
+    anneal_steps: int = 0
+
+    def __post_init__(self):
+        for name in ("target", "warmup_value"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"temperature {name} must be a finite number > 0, got {v!r}")
+        if self.anneal not in ANNEALS:
+            raise ValueError(f"unknown temperature anneal {self.anneal!r}; valid: {', '.join(ANNEALS)}")
+        if self.warmup_steps < 0 or self.anneal_steps < 0:
+            raise ValueError("temperature warmup_steps and anneal_steps must be >= 0")
+        if self.anneal != "constant" and self.anneal_steps == 0:
+            raise ValueError(f"anneal={self.anneal!r} needs anneal_steps > 0")
+        self.last_step = 0
+
+    def __call__(self, step: int) -> float:
+        self.last_step = step
+        t = step - self.warmup_steps  # steps past the warm-up
+        if t <= 0:
+            return float(self.warmup_value)
+        if self.anneal == "constant" or t >= self.anneal_steps:
+            return float(self.target)
+        frac = t / self.anneal_steps
+        if self.anneal == "cosine":
+            frac = 0.5 * (1.0 - math.cos(math.pi * frac))
+        return float(self.warmup_value + (self.target - self.warmup_value) * frac)
+
+    def state_dict(self) -> dict:
+        return {
+            "last_step": self.last_step,
+            "target": self.target,
+            "warmup_value": self.warmup_value,
+            "warmup_steps": self.warmup_steps,
+            "anneal": self.anneal,
+            "anneal_steps": self.anneal_steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        # The configured shape wins (a user may change the target on resume); the step resumes.
+        self.last_step = int(state["last_step"])
