@@ -1,0 +1,171 @@
+"""Per-sample loss, the data-parallel gather and the weighted loss.
+
+The one place of the training step that talks to process groups. The math lives in
+`titan_rw.reweight`; this module only feeds it the gathered losses and hands back this
+rank's share of  sum_i w_i f_i  (Alg. 1 line 8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import nn
+
+from titan_rw.reweight import sample_weights
+
+IGNORE_INDEX = -100
+
+
+class _ChunkedTokenNLL(torch.autograd.Function):
+    """Per-token NLL of  hidden @ weight.T  without ever holding all [N, V] logits.
+
+    Forward walks the N tokens in chunks and keeps only each token's log-sum-exp. Backward
+    recomputes one chunk's logits at a time and applies the upstream per-token gradient
+    (for the weighted loss that is w_i / n_i on every valid token of sample i), so the
+    sample weights *are* the upstream gradient and no [B, T, V] tensor is ever stored.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk):
+        n = hidden.shape[0]
+        nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(nll)
+        safe = labels.clamp(min=0)
+        for s in range(0, n, chunk):
+            logits = (hidden[s : s + chunk] @ weight.t()).float()
+            lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe[s : s + chunk, None]).squeeze(1)
+            nll[s : s + chunk] = lse[s : s + chunk] - picked
+        nll = torch.where(labels == IGNORE_INDEX, 0.0, nll)
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.chunk = chunk
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        chunk = ctx.chunk
+        grad_nll = torch.where(labels == IGNORE_INDEX, 0.0, grad_nll.float())
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        safe = labels.clamp(min=0)
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s : s + chunk]
+            # d nll / d logits = softmax - onehot, scaled by the upstream gradient
+            g = torch.exp((h @ weight.t()).float() - lse[s : s + chunk, None])
+            g.scatter_add_(1, safe[s : s + chunk, None], torch.full_like(g[:, :1], -1.0))
+            g.mul_(grad_nll[s : s + chunk, None])
+            g = g.to(hidden.dtype)
+            if need_h:
+                grad_h[s : s + chunk] = g @ weight
+            if need_w:
+                grad_w.addmm_(g.t().float(), h.float())
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None
+
+
+def _token_nll_forward(lm_head: nn.Module, labels: torch.Tensor, num_chunks: int):
+    """A forward for `lm_head` that returns per-token NLL instead of logits."""
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        if getattr(lm_head, "bias", None) is not None:
+            raise ValueError("per_sample_loss supports a bias-free output projection (Llama's)")
+        b, t, d = hidden.shape
+        flat = hidden.reshape(b * t, d)
+        chunk = max(1, -(-flat.shape[0] // num_chunks))
+        return _ChunkedTokenNLL.apply(flat, lm_head.weight, labels.reshape(-1), chunk).view(b, t)
+
+    return forward
+
+
+def per_sample_loss(
+    lm_head: nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_chunks: int = 8,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean token NLL of each sample, from the final hidden states [B, T, D].
+
+    Returns (losses [B] float32 with autograd to `hidden` and `lm_head.weight`, valid-token
+    counts [B]). The projection runs through one call of `lm_head`, so FSDP2 all-gathers
+    its weight once and reduce-scatters its gradient once, and the logits exist one chunk
+    at a time in forward and backward (DESIGN.md §2, "Memory").
+    """
+    if ignore_index != IGNORE_INDEX:
+        labels = torch.where(labels == ignore_index, IGNORE_INDEX, labels)
+    plain = lm_head.forward
+    lm_head.forward = _token_nll_forward(lm_head, labels, num_chunks)
+    try:
+        token_nll = lm_head(hidden)
+    finally:
+        lm_head.forward = plain
+    n_valid = (labels != IGNORE_INDEX).sum(dim=1)
+    return token_nll.sum(dim=1) / n_valid.clamp(min=1), n_valid
+
+
+@dataclass
+class WeightStats:
+    """Detached device tensors of one reweighting group, for logging at the interval."""
+
+    losses: torch.Tensor  # [b] gathered per-sample losses, DP-rank order
+    weights: torch.Tensor  # [b] their weights (0 for invalid samples)
+    valid: torch.Tensor  # [b] bool
+    b: torch.Tensor  # number of valid samples (the b of the 2/b bound)
+    max_weight: torch.Tensor
+    weighted_loss: torch.Tensor  # sum_i w_i f_i over the group
+    mean_loss: torch.Tensor  # unweighted mean over valid samples
+
+
+def gather_losses(local: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """All-gather a 1-D tensor over the data-parallel group, in group-rank order."""
+    if group is None or dist.get_world_size(group) == 1:
+        return local
+    return funcol.wait_tensor(funcol.all_gather_tensor(local.contiguous(), gather_dim=0, group=group))
+
+
+def reweighted_loss(
+    local_losses: torch.Tensor,
+    temperature: torch.Tensor | float,
+    *,
+    strategy: str,
+    cap: float | None,
+    group: dist.ProcessGroup | None,
+    dp_rank: int,
+    dp_size: int,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, WeightStats]:
+    """This rank's share of  sum_i w_i f_i  over the whole data-parallel group.
+
+    TorchTitan's FSDP sums gradients across DP ranks (divide factor 1), so the sum over
+    ranks of these local sums has exactly the gradient  sum_global w_i grad f_i.
+    """
+    b_local = local_losses.shape[0]
+    f = local_losses.detach().float()
+    ok = torch.isfinite(f) if valid is None else valid & torch.isfinite(f)
+    both = gather_losses(torch.stack([f, ok.float()]).t().reshape(-1), group)  # one collective
+    both = both.view(dp_size * b_local, 2)
+    losses, ok_all = both[:, 0], both[:, 1] > 0.5
+    w = sample_weights(losses, strategy, temperature, cap=cap, valid=ok_all)  # Eq. (4)
+    w_local = w[dp_rank * b_local : (dp_rank + 1) * b_local]  # by DP-mesh rank, never LOCAL_RANK
+    # A non-finite sample has weight 0, but 0 * nan is nan: select, don't multiply.
+    loss = torch.where(w_local > 0, w_local * local_losses.float(), 0.0).sum()
+    b = ok_all.sum()
+    clean = torch.where(ok_all, losses, 0.0)
+    stats = WeightStats(
+        losses=losses,
+        weights=w,
+        valid=ok_all,
+        b=b,
+        max_weight=w.max(),
+        weighted_loss=(w * clean).sum(),
+        mean_loss=clean.sum() / b.clamp(min=1),
+    )
+    return loss, stats
