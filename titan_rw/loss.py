@@ -18,6 +18,8 @@ from torch import nn
 from titan_rw.reweight import sample_weights
 
 IGNORE_INDEX = -100
+# Functional (traceable) all-gather: `all_gather_single` from torch 2.13, its older name before.
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 
 
 class _ChunkedTokenNLL(torch.autograd.Function):
@@ -32,11 +34,12 @@ class _ChunkedTokenNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk):
         n = hidden.shape[0]
-        nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 for bf16/fp32 models
+        nll = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty_like(nll)
         safe = labels.clamp(min=0)
         for s in range(0, n, chunk):
-            logits = (hidden[s : s + chunk] @ weight.t()).float()
+            logits = (hidden[s : s + chunk] @ weight.t()).to(acc)
             lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, safe[s : s + chunk, None]).squeeze(1)
             nll[s : s + chunk] = lse[s : s + chunk] - picked
@@ -49,22 +52,23 @@ class _ChunkedTokenNLL(torch.autograd.Function):
     def backward(ctx, grad_nll):
         hidden, weight, labels, lse = ctx.saved_tensors
         chunk = ctx.chunk
-        grad_nll = torch.where(labels == IGNORE_INDEX, 0.0, grad_nll.float())
+        acc = lse.dtype
+        grad_nll = torch.where(labels == IGNORE_INDEX, 0.0, grad_nll.to(acc))
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         safe = labels.clamp(min=0)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk]
             # d nll / d logits = softmax - onehot, scaled by the upstream gradient
-            g = torch.exp((h @ weight.t()).float() - lse[s : s + chunk, None])
+            g = torch.exp((h @ weight.t()).to(acc) - lse[s : s + chunk, None])
             g.scatter_add_(1, safe[s : s + chunk, None], torch.full_like(g[:, :1], -1.0))
             g.mul_(grad_nll[s : s + chunk, None])
             g = g.to(hidden.dtype)
             if need_h:
                 grad_h[s : s + chunk] = g @ weight
             if need_w:
-                grad_w.addmm_(g.t().float(), h.float())
+                grad_w.addmm_(g.t().to(acc), h.to(acc))
         if need_w:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None
@@ -128,7 +132,7 @@ def gather_losses(local: torch.Tensor, group: dist.ProcessGroup | None) -> torch
     """All-gather a 1-D tensor over the data-parallel group, in group-rank order."""
     if group is None or dist.get_world_size(group) == 1:
         return local
-    return funcol.wait_tensor(funcol.all_gather_tensor(local.contiguous(), gather_dim=0, group=group))
+    return funcol.wait_tensor(_all_gather(local.contiguous(), gather_dim=0, group=group))
 
 
 def reweighted_loss(
