@@ -17,8 +17,8 @@ if "$py" -c "import torch" 2>/dev/null; then
   echo "[setup] torch $("$py" -c 'import torch; print(torch.__version__)') already present: keeping it"
 else
   echo "[setup] no torch in $VENV: installing torch==2.13.0"
-  "$py" -m pip install --quiet "torch==2.13.0"
+  "$py" -m pip install --quiet "torch==2.13.0" 2> >(grep -v "is ignored" >&2)
 fi
 echo "[setup] installing titan_rw and its dependencies"
-"$py" -m pip install --quiet -e ".[test]"
+"$py" -m pip install --quiet -e ".[test]" 2> >(grep -v "is ignored" >&2)
 "$py" -c "import titan_rw, torch; print(f'[setup] ready: titan_rw {titan_rw.__version__}, torch {torch.__version__}')"
