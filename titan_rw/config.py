@@ -1,0 +1,445 @@
+"""TOML run configs ⇄ TorchTitan 0.3.0 `Trainer.Config`.
+
+A run is one TOML file (`train_configs/*.toml`) with TorchTitan-style sections; any key can
+be overridden on the command line as `--section.key value` (or `--section.key=value`).
+Everything is checked before any compute: unknown sections and keys, wrong types, and
+impossible combinations (global batch not divisible by local batch × DP degree, seq_len over
+the model's maximum, unknown flavor or strategy, unsupported parallelism), each error naming
+the file (or the command line) and the key.
+
+Sections mapped 1:1 onto TorchTitan's dataclasses accept exactly those dataclasses' fields:
+`[training]` TrainingConfig, `[lr_scheduler]` LRSchedulersContainer.Config,
+`[checkpoint]` CheckpointManager.Config, `[metrics]` MetricsProcessor.Config,
+`[parallelism]` ParallelismConfig, `[compile]` CompileConfig, `[comm]` CommConfig,
+`[profiler]` Profiler.Config, `[reweight]` titan_rw.trainer.ReweightConfig.
+Sections of our own: `[job]`, `[model]`, `[optimizer]`, `[activation_checkpoint]`, `[data]`
+(see `OWN_SECTIONS`).
+"""
+
+from __future__ import annotations
+
+import titan_rw  # noqa: F401
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from typing import Any, Literal
+
+from torchtitan.components.checkpoint import CheckpointManager
+from torchtitan.components.loss import CrossEntropyLoss
+from torchtitan.components.metrics import MetricsProcessor
+from torchtitan.components.optimizer import LRSchedulersContainer, OptimizersContainer
+from torchtitan.components.optimizer.optimizer import ParamGroupConfig
+from torchtitan.config.configs import CommConfig, CompileConfig, DebugConfig, ParallelismConfig, TrainingConfig
+from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
+from torchtitan.tools.profiler import Profiler
+
+from titan_rw import models
+from titan_rw.reweight import STRATEGIES
+from titan_rw.trainer import ReweightConfig, ReweightTrainer
+
+
+class ConfigError(ValueError):
+    """A run config that cannot work; raised before any compute."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class JobSection:
+    dump_folder: str = "./outputs"
+    description: str = ""
+    seed: int | None = 0
+    deterministic: bool = False
+    print_config: bool = False
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelSection:
+    flavor: str = "debug"
+    attn_backend: Literal["auto", "sdpa", "flex", "flex_flash", "varlen"] = "auto"
+
+
+@dataclasses.dataclass(kw_only=True)
+class OptimizerSection:
+    name: Literal["AdamW", "Adam"] = "AdamW"
+    lr: float = 3e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    implementation: Literal["for-loop", "foreach", "fused"] = "foreach"
+
+
+@dataclasses.dataclass(kw_only=True)
+class ActivationCheckpointSection:
+    mode: Literal["none", "selective", "full"] = "none"
+    preserve_rng_state: bool = True
+
+
+@dataclasses.dataclass(kw_only=True)
+class DataSection:
+    loader: Literal["auto", "tokens", "synthetic"] = "auto"
+    """auto: the token-shard loader (titan_rw.data) when available, else synthetic."""
+    dataset_path: str | None = None
+    """Token shards (local or fsspec); unset: the loader's embedded default corpus."""
+    tokenizer: str | None = None
+    """sentencepiece .model; unset: the shipped default."""
+    num_workers: int = 0
+    seed: int = 0
+
+
+OWN_SECTIONS: dict[str, type] = {
+    "job": JobSection,
+    "model": ModelSection,
+    "optimizer": OptimizerSection,
+    "activation_checkpoint": ActivationCheckpointSection,
+    "data": DataSection,
+}
+TITAN_SECTIONS: dict[str, type] = {
+    "training": TrainingConfig,
+    "lr_scheduler": LRSchedulersContainer.Config,
+    "checkpoint": CheckpointManager.Config,
+    "metrics": MetricsProcessor.Config,
+    "parallelism": ParallelismConfig,
+    "compile": CompileConfig,
+    "comm": CommConfig,
+    "profiler": Profiler.Config,
+    "reweight": ReweightConfig,
+}
+SECTIONS: dict[str, type] = {**OWN_SECTIONS, **TITAN_SECTIONS}
+# Our defaults where TorchTitan's do not suit this project (DESIGN.md §3).
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "checkpoint": {"last_save_model_only": False},  # else resume fails: "Missing key ... dataloader"
+    "parallelism": {"spmd_backend": "partial_dtensor"},  # spmd_types fails with FSDP on torch 2.13
+    "metrics": {"enable_tensorboard": True},
+}
+
+
+# ----------------------------------------------------------------------------- types
+_MISSING = object()
+
+
+def _strip(tp):
+    while typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _type_name(tp) -> str:
+    tp = _strip(tp)
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (a,) = typing.get_args(tp) or (Any,)
+        return f"list of {_type_name(a)}"
+    if tp is type(None):
+        return "none"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp):
+    """Return value as type tp, or _MISSING when it does not fit."""
+    tp = _strip(tp)
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        return value if any(value == a and type(value) is type(a) for a in typing.get_args(tp)) else _MISSING
+    if origin in (typing.Union, types.UnionType):
+        for a in typing.get_args(tp):
+            v = _coerce(value, a)
+            if v is not _MISSING:
+                return v
+        return _MISSING
+    if tp is type(None):
+        return None if value is None else _MISSING
+    if tp is bool:
+        return value if isinstance(value, bool) else _MISSING
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _MISSING
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        return _MISSING
+    if tp is str:
+        return value if isinstance(value, str) else _MISSING
+    if origin is list:
+        if not isinstance(value, list):
+            return _MISSING
+        (a,) = typing.get_args(tp) or (Any,)
+        out = [_coerce(v, a) for v in value]
+        return _MISSING if any(v is _MISSING for v in out) else out
+    return _MISSING
+
+
+def _settable(tp) -> bool:
+    tp = _strip(tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return all(_settable(a) for a in typing.get_args(tp))
+    if origin is list:
+        return all(_settable(a) for a in typing.get_args(tp))
+    return origin is Literal or tp in (bool, int, float, str, type(None), Any)
+
+
+def section_fields(name: str) -> dict[str, Any]:
+    """The settable keys of a section and their types."""
+    cls = SECTIONS[name]
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if _settable(hints[f.name]) and not f.name.startswith("_")}
+
+
+# ----------------------------------------------------------------------------- parsing
+def parse_cli_value(raw: str):
+    """A command-line value as TOML would read it; bare words stay strings."""
+    if raw.lower() in ("none", "null"):
+        return None
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, str, Any, str]]:
+    """`--section.key value` / `--section.key=value` → [(section, key, value, raw)]."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"command line: expected --section.key value, got {arg!r}")
+        if "=" in arg:
+            name, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"command line: {arg} needs a value")
+            name, raw = arg[2:], argv[i + 1]
+            i += 2
+        section, key = name.split(".", 1)
+        out.append((section, key, parse_cli_value(raw), raw))
+    return out
+
+
+def _set(values: dict, section: str, key: str, value, where: str, raw: str | None = None) -> None:
+    if section not in SECTIONS:
+        raise ConfigError(f"{where}: unknown section [{section}]; valid sections: {', '.join(SECTIONS)}")
+    fields = section_fields(section)
+    if key not in fields:
+        raise ConfigError(f"{where}: unknown key {section}.{key}; valid keys of [{section}]: {', '.join(fields)}")
+    tp = fields[key]
+    v = _coerce(value, tp)
+    if v is _MISSING and raw is not None:  # a CLI word that TOML read as a number etc.
+        v = _coerce(raw, tp)
+    if v is _MISSING:
+        raise ConfigError(f"{where}: {section}.{key} must be {_type_name(tp)}, got {value!r}")
+    values.setdefault(section, {})[key] = v
+
+
+def load(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """Read a TOML file and apply CLI overrides → {section: {key: value}} (typed, checked)."""
+    values: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
+            if section not in SECTIONS:
+                raise ConfigError(f"{path}: unknown section [{section}]; valid sections: {', '.join(SECTIONS)}")
+            for key, value in table.items():
+                if isinstance(value, dict):
+                    raise ConfigError(f"{path}: nested table [{section}.{key}] is not supported")
+                _set(values, section, key, value, path)
+    for section, key, value, raw in parse_overrides(list(overrides)):
+        _set(values, section, key, value, f"command line --{section}.{key}", raw)
+    return values
+
+
+# ----------------------------------------------------------------------------- build
+def _section(values, name):
+    kw = {**DEFAULTS.get(name, {}), **values.get(name, {})}
+    return SECTIONS[name](**kw)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def dp_degree(par: ParallelismConfig, world_size: int) -> int:
+    non_dp = par.tensor_parallel_degree * par.context_parallel_degree * par.pipeline_parallel_degree
+    shard = par.data_parallel_shard_degree
+    if shard == -1:
+        shard = world_size // (non_dp * par.data_parallel_replicate_degree)
+    return par.data_parallel_replicate_degree * shard
+
+
+def validate(values: dict, source: str = "config", world_size: int | None = None) -> None:
+    """Impossible combinations, before any compute."""
+    world_size = _world_size() if world_size is None else world_size
+    m = _section(values, "model")
+    if m.flavor not in models.FLAVORS:
+        raise ConfigError(f"{source}: model.flavor {m.flavor!r} is unknown; valid flavors: {', '.join(models.FLAVORS)}")
+    fl = models.flavor(m.flavor)
+    t = _section(values, "training")
+    if t.seq_len > fl.max_seq_len:
+        raise ConfigError(
+            f"{source}: training.seq_len {t.seq_len} exceeds the maximum sequence length {fl.max_seq_len} of model.flavor {m.flavor!r}"
+        )
+    for key in ("steps", "local_batch_size", "seq_len"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"{source}: training.{key} must be >= 1, got {getattr(t, key)}")
+    rw = _section(values, "reweight")
+    if rw.strategy not in STRATEGIES:
+        raise ConfigError(f"{source}: reweight.strategy {rw.strategy!r} is unknown; valid strategies: {', '.join(STRATEGIES)}")
+    try:
+        rw.validate()
+    except ValueError as e:
+        raise ConfigError(f"{source}: [reweight] {e}") from None
+    p = _section(values, "parallelism")
+    for key in ("pipeline_parallel_degree", "tensor_parallel_degree", "context_parallel_degree", "expert_parallel_degree"):
+        if getattr(p, key) != 1:
+            raise ConfigError(f"{source}: parallelism.{key} = {getattr(p, key)} is not supported by the reweighted step (use FSDP/HSDP)")
+    dp = dp_degree(p, world_size)
+    if dp < 1 or dp * p.tensor_parallel_degree * p.context_parallel_degree * p.pipeline_parallel_degree != world_size:
+        raise ConfigError(
+            f"{source}: parallelism degrees (dp_replicate {p.data_parallel_replicate_degree} × dp_shard "
+            f"{p.data_parallel_shard_degree}) do not match the world size {world_size}"
+        )
+    if t.global_batch_size > 0 and t.global_batch_size % (t.local_batch_size * dp) != 0:
+        raise ConfigError(
+            f"{source}: training.global_batch_size {t.global_batch_size} is not divisible by "
+            f"training.local_batch_size {t.local_batch_size} × data-parallel degree {dp} = {t.local_batch_size * dp}"
+        )
+    if t.global_batch_size == 0 or t.global_batch_size < -1:
+        raise ConfigError(f"{source}: training.global_batch_size must be > 0 (or -1 for local × dp), got {t.global_batch_size}")
+    d = _section(values, "data")
+    if d.loader == "tokens" and not data_loader_available():
+        raise ConfigError(f"{source}: data.loader = 'tokens' but titan_rw.data.loader is not installed")
+    tok_vocab = 2048 if (d.tokenizer is None) else None
+    if tok_vocab is not None and d.loader != "synthetic" and data_loader_available() and fl.vocab_size < tok_vocab:
+        raise ConfigError(f"{source}: model.flavor {m.flavor!r} has vocab {fl.vocab_size} < the tokenizer's {tok_vocab}")
+    ck = _section(values, "checkpoint")
+    if ck.enable and ck.interval < 1:
+        raise ConfigError(f"{source}: checkpoint.interval must be >= 1")
+
+
+def data_loader_available() -> bool:
+    try:
+        import titan_rw.data.loader  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _data_configs(values) -> tuple[Any, Any, str]:
+    """(tokenizer config, dataloader config, hf_assets_path) for the [data] section."""
+    d = _section(values, "data")
+    use_tokens = d.loader == "tokens" or (d.loader == "auto" and data_loader_available())
+    if use_tokens:
+        from titan_rw.data import DEFAULT_TOKENIZER
+        from titan_rw.data.loader import TokenDataLoader
+        from titan_rw.data.tokenizer import SentencePieceTokenizer
+
+        kw: dict[str, Any] = {"num_workers": d.num_workers}
+        if d.dataset_path is not None:
+            kw["dataset_path"] = d.dataset_path
+        fields = {f.name for f in dataclasses.fields(TokenDataLoader.Config)}
+        if "seed" in fields:
+            kw["seed"] = d.seed
+        return SentencePieceTokenizer.Config(), TokenDataLoader.Config(**kw), str(d.tokenizer or DEFAULT_TOKENIZER)
+    from titan_rw.synthetic import ByteTokenizer, SyntheticDataLoader
+
+    vocab = models.flavor(_section(values, "model").flavor).vocab_size
+    return (
+        ByteTokenizer.Config(vocab_size=min(vocab, 2048)),
+        SyntheticDataLoader.Config(seed=d.seed, vocab_size=min(vocab, 2048)),
+        d.tokenizer or "",
+    )
+
+
+def build(values: dict, source: str = "config", world_size: int | None = None) -> ReweightTrainer.Config:
+    """Validated {section: {key: value}} → `ReweightTrainer.Config`."""
+    validate(values, source, world_size)
+    job, m, opt, ac = (_section(values, s) for s in ("job", "model", "optimizer", "activation_checkpoint"))
+    spec = models.model_spec(m.flavor, None if m.attn_backend == "auto" else m.attn_backend)
+    tokenizer, dataloader, assets = _data_configs(values)
+    ac_config = {"none": None, "selective": SelectiveAC.Config, "full": FullAC.Config}[ac.mode]
+    if ac_config is not None:
+        ac_config = ac_config(preserve_rng_state=ac.preserve_rng_state)
+    rw = _section(values, "reweight")
+    metrics = _section(values, "metrics")
+    if "log_freq" not in values.get("metrics", {}):
+        metrics.log_freq = rw.log_interval
+    cfg = ReweightTrainer.Config(
+        model_spec=spec,
+        hf_assets_path=assets,
+        dump_folder=job.dump_folder,
+        tokenizer=tokenizer,
+        dataloader=dataloader,
+        optimizer=OptimizersContainer.Config(
+            param_groups=[
+                ParamGroupConfig(
+                    pattern=r".*",
+                    optimizer_name=opt.name,
+                    optimizer_kwargs={
+                        "lr": opt.lr, "betas": (opt.beta1, opt.beta2), "eps": opt.eps, "weight_decay": opt.weight_decay,
+                    },
+                )
+            ],
+            implementation=opt.implementation,
+        ),
+        lr_scheduler=_section(values, "lr_scheduler"),
+        training=_section(values, "training"),
+        parallelism=_section(values, "parallelism"),
+        checkpoint=_section(values, "checkpoint"),
+        metrics=metrics,
+        compile=_section(values, "compile"),
+        comm=_section(values, "comm"),
+        profiler=_section(values, "profiler"),
+        activation_checkpoint=ac_config,
+        debug=DebugConfig(seed=job.seed, deterministic=job.deterministic, print_config=job.print_config),
+        loss=CrossEntropyLoss.Config(global_vocab_size=models.flavor(m.flavor).vocab_size),
+        reweight=rw,
+    )
+    return cfg
+
+
+def from_args(path: str | None, overrides: list[str] | tuple[str, ...] = (), world_size: int | None = None):
+    """TOML file + CLI overrides → a validated `ReweightTrainer.Config`."""
+    values = load(path, overrides)
+    source = path if not overrides else f"{path or 'config'} (with command-line overrides)"
+    return build(values, source, world_size)
+
+
+def to_toml(values: dict[str, dict[str, Any]]) -> str:
+    """{section: {key: value}} → TOML text (round-trips through `load`)."""
+    lines = []
+    for section, table in values.items():
+        lines.append(f"[{section}]")
+        for k, v in table.items():
+            if v is None:
+                continue
+            lines.append(f"{k} = {_toml_value(v)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")

@@ -1,0 +1,112 @@
+"""Llama flavors of the paper on TorchTitan's llama3 model: `tiny`, `debug`, `1.4B`, `7B`.
+
+The 1.4B and 7B shapes are the paper's (Table 6/7) and IBM fms-fsdp's: multi-head attention
+(n_kv_heads = n_heads), SwiGLU FFN with hidden = 8/3·dim rounded up to a multiple of 256,
+RoPE θ = 10000 without scaling, untied embeddings, vocabulary 32000, up to 8192 tokens.
+`debug` (and the even smaller `tiny`, for tests) keep the vocabulary of the shipped
+2048-piece sentencepiece tokenizer.
+
+Attention: TorchTitan's default (FlexAttention, document-causal) where CUDA is present;
+causal SDPA on CPU, where FlexAttention has no backward (compat patch 4). SDPA ignores
+document boundaries inside a packed row, as fms-fsdp does.
+"""
+
+from __future__ import annotations
+
+import titan_rw  # noqa: F401  (compat patches before torchtitan)
+
+from dataclasses import dataclass
+
+from torchtitan.distributed.pipeline_parallel import pipeline_llm
+from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm, compute_ffn_hidden_dim
+from torchtitan.models.common.attention import ScaledDotProductAttention
+from torchtitan.models.llama3 import Llama3Model, _build_llama3_layers, parallelize_llama
+from torchtitan.models.llama3 import _EMBEDDING_INIT, _NORM_INIT, _output_linear_init
+from torchtitan.protocols.model_spec import ModelSpec
+
+from titan_rw import compat
+
+
+@dataclass(frozen=True)
+class Flavor:
+    dim: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    max_seq_len: int
+    multiple_of: int = 256
+    rope_theta: float = 10000.0
+
+    @property
+    def ffn_hidden(self) -> int:
+        return compute_ffn_hidden_dim(self.dim, multiple_of=self.multiple_of)
+
+    def num_params(self) -> int:
+        """Exact parameter count (untied embeddings, RMSNorm weights, no biases)."""
+        d, h, v, n = self.dim, self.ffn_hidden, self.vocab_size, self.n_layers
+        per_layer = 4 * d * d + 3 * d * h + 2 * d
+        return n * per_layer + 2 * v * d + d
+
+
+FLAVORS: dict[str, Flavor] = {
+    "tiny": Flavor(dim=64, n_layers=2, n_heads=4, vocab_size=2048, max_seq_len=2048, multiple_of=64),
+    "debug": Flavor(dim=256, n_layers=4, n_heads=8, vocab_size=2048, max_seq_len=2048),
+    "1.4B": Flavor(dim=2048, n_layers=24, n_heads=16, vocab_size=32000, max_seq_len=8192),
+    "7B": Flavor(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, max_seq_len=8192),
+}
+
+
+def flavor(name: str) -> Flavor:
+    if name not in FLAVORS:
+        raise ValueError(f"unknown model flavor {name!r}; valid: {', '.join(FLAVORS)}")
+    return FLAVORS[name]
+
+
+def model_config(name: str, attn_backend: str | None = None) -> Llama3Model.Config:
+    """TorchTitan `Llama3Model.Config` of a flavor. `attn_backend`: "sdpa", "flex",
+    "flex_flash", "varlen", or None for the machine's default (compat patch 4)."""
+    f = flavor(name)
+    backend = attn_backend or compat.attention_backend() or "flex"
+    layers = _build_llama3_layers(
+        fuse_qkv=True,
+        n_layers=f.n_layers,
+        dim=f.dim,
+        n_heads=f.n_heads,
+        n_kv_heads=f.n_heads,
+        hidden_dim=f.ffn_hidden,
+        rope=ComplexRoPE.Config(dim=f.dim // f.n_heads, max_seq_len=f.max_seq_len, theta=f.rope_theta),
+        attn_backend="flex" if backend == "sdpa" else backend,
+    )
+    if backend == "sdpa":  # TorchTitan refuses "sdpa" for LMs by name; build it directly
+        for layer in layers:
+            layer.attention.inner_attention = ScaledDotProductAttention.Config()
+    return Llama3Model.Config(
+        dim=f.dim,
+        vocab_size=f.vocab_size,
+        tok_embeddings=Embedding.Config(num_embeddings=f.vocab_size, embedding_dim=f.dim, param_init=_EMBEDDING_INIT),
+        norm=RMSNorm.Config(normalized_shape=f.dim, param_init=_NORM_INIT),
+        lm_head=Linear.Config(in_features=f.dim, out_features=f.vocab_size, param_init=_output_linear_init(f.dim)),
+        layers=layers,
+    )
+
+
+def model_spec(name: str, attn_backend: str | None = None) -> ModelSpec:
+    """A fresh ModelSpec (TorchTitan mutates the model config in `update_from_config`)."""
+    return ModelSpec(
+        name="llama",
+        flavor=name,
+        model=model_config(name, attn_backend),
+        parallelize_fn=parallelize_llama,
+        pipelining_fn=pipeline_llm,
+        post_optimizer_build_fn=None,
+        state_dict_adapter=None,
+    )
+
+
+def describe(name: str) -> str:
+    f = flavor(name)
+    return (
+        f"llama {name}: dim {f.dim}, {f.n_layers} layers, {f.n_heads} heads, ffn {f.ffn_hidden}, "
+        f"vocab {f.vocab_size}, max seq {f.max_seq_len}, {f.num_params():,} parameters "
+        f"({f.num_params() / 1e9:.2f}B)"
+    )

@@ -1,0 +1,114 @@
+"""`python -m titan_rw.train --config FILE [--section.key value ...]`.
+
+Runs as is on one process, or under `torchrun --standalone --nproc_per_node=N -m titan_rw.train ...`
+(NCCL on GPUs, gloo on CPU, same code). `train_main(argv)` backs `titan-rw train`; with
+`--nproc N` (N > 1, not already under torchrun) it re-launches itself under torchrun.
+"""
+
+from __future__ import annotations
+
+import titan_rw  # noqa: F401  (compat patches before torchtitan)
+
+import argparse
+import os
+import subprocess
+import sys
+
+USAGE = "titan_rw.train --config FILE [--nproc N] [--section.key value ...]"
+
+
+def _split(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog="titan_rw.train", usage=USAGE, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="TOML run config (train_configs/*.toml)")
+    p.add_argument("--nproc", type=int, default=None, help="processes on this machine (starts torchrun)")
+    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    return p.parse_known_args(argv)
+
+
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def _relaunch(nproc: int, argv: list[str]) -> int:
+    rest, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "titan_rw.train", *rest]
+    return subprocess.call(cmd)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, overrides = _split(argv)
+    if args.nproc is not None and args.nproc > 1 and not _under_torchrun():
+        return _relaunch(args.nproc, argv)
+
+    from titan_rw import config as cfgmod
+
+    world = args.nproc if (args.check and args.nproc) else None
+    try:
+        config = cfgmod.from_args(args.config, overrides, world_size=world)
+    except cfgmod.ConfigError as e:
+        print(f"titan_rw: config error: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{args.config}: OK")
+        return 0
+    if "LOCAL_RANK" not in os.environ:  # a plain single process: what torchrun would set
+        os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    run(config)
+    return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(config) -> None:
+    """Build the trainer from a `ReweightTrainer.Config` and train (TorchTitan's main, unchanged in spirit)."""
+    import torch
+    from torchtitan.observability import structured_logger as sl
+    from torchtitan.tools.logging import init_logger, logger
+
+    from titan_rw import compat
+
+    init_logger()
+    compat.log_applied(logger)
+    sl.init_structured_logger(source="training", output_dir=config.dump_folder,
+                              enable=config.debug.enable_structured_logging)
+    trainer = None
+    try:
+        trainer = config.build()
+        trainer.train()
+    except BaseException:
+        if trainer is not None:
+            trainer.close()
+        raise
+    else:
+        trainer.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def main() -> None:
+    sys.exit(train_main())
+
+
+if __name__ == "__main__":
+    main()
