@@ -50,6 +50,8 @@ class JobSection:
     dump_folder: str = "./outputs"
     description: str = ""
     seed: int | None = 0
+    portable_init: bool = True
+    """weights identical for any world size (rank 0 inits the full model and broadcasts)"""
     deterministic: bool = False
     print_config: bool = False
 
@@ -409,6 +411,7 @@ def build(values: dict, source: str = "config", world_size: int | None = None) -
         debug=DebugConfig(seed=job.seed, deterministic=job.deterministic, print_config=job.print_config),
         loss=CrossEntropyLoss.Config(global_vocab_size=models.flavor(m.flavor).vocab_size),
         reweight=rw,
+        portable_init=job.portable_init,
     )
     return cfg
 

@@ -100,6 +100,10 @@ class ReweightTrainer(Trainer):
     @dataclass(kw_only=True, slots=True)
     class Config(Trainer.Config):
         reweight: ReweightConfig = field(default_factory=ReweightConfig)
+        portable_init: bool = True
+        """Initialize the weights on rank 0 as one full model (seed `debug.seed`) and broadcast
+        them, so that the initial weights do not depend on the world size or the sharding
+        (DTensor's sharded RNG does). Rank 0 holds one full fp32 copy on CPU for a moment."""
 
     def __init__(self, config: Config):
         compat.log_applied(logger)
@@ -112,6 +116,8 @@ class ReweightTrainer(Trainer):
         self.temperature_schedule = rw.schedule()
 
         model = self.model_parts[0]
+        if config.portable_init and not config.checkpoint.create_seed_checkpoint:
+            self._portable_init(model)
         model._skip_lm_head = True  # the per-sample loss applies the output projection itself
         self.lm_head = model.lm_head
 
@@ -149,6 +155,36 @@ class ReweightTrainer(Trainer):
             f"scope={rw.scope} b={self.group_b if rw.scope == 'microbatch' else self.group_b * self.gradient_accumulation_steps} "
             f"dp={self.dp_size} accumulation={self.gradient_accumulation_steps}"
         )
+
+    @torch.no_grad()
+    def _portable_init(self, model: torch.nn.Module) -> None:
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        on = dist.is_initialized() and dist.get_world_size() > 1
+        rank0 = not on or dist.get_rank() == 0
+        sd: dict[str, torch.Tensor] = {}
+        if rank0:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.config.debug.seed or 0)
+                with torch.device("cpu"):
+                    plain = self.model_config.build()
+                plain.init_weights(buffer_device=None)
+            sd = dict(plain.named_parameters())
+        for name, p in model.named_parameters():
+            full = sd[name].detach() if rank0 else None
+            if isinstance(p, DTensor):
+                if full is None:
+                    full = torch.empty(p.shape, dtype=p.dtype)
+                local = distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=0)
+                p.to_local().copy_(local.to_local())
+            else:
+                if full is None:
+                    full = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+                full = full.to(p.device, p.dtype)
+                if on:
+                    dist.broadcast(full, src=0)
+                p.copy_(full)
 
     # ------------------------------------------------------------------ the step's body
     def _per_sample(self, inputs, labels, extra_kwargs):
@@ -321,12 +357,13 @@ class ReweightTrainer(Trainer):
             raise RuntimeError(f"Loss is not finite ({last['loss']}) at step {last['step']}. Stopping training.")
         total = self.config.training.steps
         eta = (total - self.step) * dt / steps
-        logger.info(
-            f"step {self.step}/{total}  loss {last['loss']:.4f}  wloss {last['weighted_loss']:.4f}  "
-            f"max_w {last['max_weight']:.4g} vs 2/b {last['max_weight_bound']:.4g}  r {last['temperature']:g}  "
-            f"gnorm {last['grad_norm']:.3f}  lr {last['lr']:.3g}  tok/s {tokens_per_sec:,.0f}  "
-            f"eta {_fmt_secs(eta)}"
-        )
+        if self._is_rank0:
+            logger.info(
+                f"step {self.step}/{total}  loss {last['loss']:.4f}  wloss {last['weighted_loss']:.4f}  "
+                f"max_w {last['max_weight']:.4g} vs 2/b {last['max_weight_bound']:.4g}  r {last['temperature']:g}  "
+                f"gnorm {last['grad_norm']:.3f}  lr {last['lr']:.3g}  tok/s {tokens_per_sec:,.0f}  "
+                f"eta {_fmt_secs(eta)}"
+            )
         if self._is_rank0:
             if self._metrics_fh is None:
                 self._metrics_fh = open(self.metrics_path, "a")
