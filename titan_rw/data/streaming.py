@@ -1,0 +1,90 @@
+"""Streaming mode: parquet text tokenized on the fly into the same `TokenSource` the shard
+reader builds, so packing, shuffling, mixture and checkpoint state are shared code.
+
+The whole input is tokenized once, at loader build, in memory (the shipped corpus: ~7 MB of text,
+~2 s). That is meant for the embedded default and small runs; for FineWeb-sized data use
+`titan-rw tokenize` once and point the loader at the shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from titan_rw.data.parquet import DataError, ReadStats, expand_parquet_paths, iter_parquet_documents
+from titan_rw.data.shards import Part, TokenSource, _dataset_name
+
+logger = logging.getLogger("titan_rw.data")
+
+WARN_TEXT_BYTES = 512 * 2**20
+
+
+def tokenize_texts(tokenizer, texts: list[str], add_bos: bool, add_eos: bool) -> list[list[int]]:
+    if hasattr(tokenizer, "encode_batch"):
+        try:
+            return tokenizer.encode_batch(texts, add_bos=add_bos, add_eos=add_eos)
+        except TypeError:
+            pass
+    return [tokenizer.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
+
+
+def parquet_part(path: str, tokenizer, *, add_bos=True, add_eos=True, text_key="text", stats: ReadStats | None = None) -> Part:
+    texts, ids, domains = [], [], []
+    for text, doc_id, domain, _ in iter_parquet_documents(path, text_key=text_key, stats=stats):
+        texts.append(text)
+        ids.append(doc_id)
+        domains.append(domain)
+    encoded = tokenize_texts(tokenizer, texts, add_bos, add_eos) if texts else []
+    lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+    vocab = tokenizer.get_vocab_size()
+    dtype = np.uint16 if vocab <= 65536 else np.uint32
+    tokens = np.fromiter((t for e in encoded for t in e), dtype=dtype, count=int(lengths.sum()))
+    names = sorted(set(domains))
+    lookup = {n: i for i, n in enumerate(names)}
+    return Part(
+        name=path,
+        tokens=tokens,
+        doc_ends=np.cumsum(lengths).astype(np.int64),
+        domain_codes=np.array([lookup[d] for d in domains], dtype=np.int32),
+        domain_names=names,
+        ids=ids,
+    )
+
+
+def open_parquet_source(
+    spec, tokenizer, *, add_bos=True, add_eos=True, text_key="text", name: str | None = None
+) -> TokenSource:
+    files = expand_parquet_paths(spec)
+    stats = ReadStats()
+    t0 = time.perf_counter()
+    total = 0
+    for f in files:
+        try:
+            import os
+
+            total += os.path.getsize(f)
+        except OSError:
+            pass
+    if total > WARN_TEXT_BYTES:
+        logger.warning(
+            "streaming %.1f GB of parquet tokenizes it all in memory; run `titan-rw tokenize` once instead",
+            total / 2**30,
+        )
+    parts = [parquet_part(f, tokenizer, add_bos=add_bos, add_eos=add_eos, text_key=text_key, stats=stats) for f in files]
+    if stats.skipped:
+        logger.warning(
+            "%s: skipped %d documents (%d empty, %d invalid UTF-8); e.g. %s",
+            spec, stats.skipped, stats.empty, stats.invalid_utf8, stats.skipped_examples[:3],
+        )
+    try:
+        src = TokenSource(name or _dataset_name(str(spec)), parts)
+    except DataError as e:
+        raise DataError(f"{e} [{stats.skipped} document(s) skipped: {stats.skipped_examples[:3]}]") from None
+    src.read_stats = stats
+    logger.info(
+        "streamed %s: %d files, %d docs, %d tokens in %.1fs",
+        src.name, len(files), src.n_docs, src.n_tokens, time.perf_counter() - t0,
+    )
+    return src
