@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Several machines without Slurm: run this on every node with the same MASTER_ADDR/NNODES and
+# its own NODE_RANK (0 on the node whose address is MASTER_ADDR).
+#   MASTER_ADDR=10.0.0.1 NNODES=2 NODE_RANK=0 bash launch/torchrun_multi.sh train_configs/llama_7b.toml
+#   MASTER_ADDR=10.0.0.1 NNODES=2 NODE_RANK=1 bash launch/torchrun_multi.sh train_configs/llama_7b.toml
+# Environment:
+#   MASTER_ADDR (required)  address of node 0, reachable from all nodes
+#   NNODES (required)       number of nodes;  NODE_RANK (required) this node's index, 0..NNODES-1
+#   MASTER_PORT             rendezvous port on node 0 (default 29500)
+#   NPROC_PER_NODE          ranks per node (default: GPUs on this node, else 1)
+#   RDZV_ID                 run identifier shared by all nodes (default titan_rw)
+#   VENV, TRAIN_SCRIPT      as in torchrun_single.sh
+# The run folder (--job.dump_folder / the config's) must be on storage all nodes share, so that
+# DCP checkpoints are complete and a restart of all nodes resumes from them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}"
+: "${NNODES:?set NNODES}"
+: "${NODE_RANK:?set NODE_RANK (0..NNODES-1)}"
+VENV=${VENV:-.venv}
+if [ -f "$VENV/bin/activate" ]; then
+  # shellcheck disable=SC1091
+  source "$VENV/bin/activate"
+fi
+config=train_configs/debug_cpu.toml
+if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then config=$1; shift; fi
+if [ -z "${NPROC_PER_NODE:-}" ]; then
+  NPROC_PER_NODE=$(python -c 'import torch; print(torch.cuda.device_count() or 1)')
+fi
+entry=(-m titan_rw.train)
+if [ -n "${TRAIN_SCRIPT:-}" ]; then entry=("$TRAIN_SCRIPT"); fi
+export PYTHONUNBUFFERED=1
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+# c10d rendezvous: node 0's agent hosts the store at MASTER_ADDR:MASTER_PORT. NODE_RANK only
+# orders the nodes (rank r's ranks are r*NPROC_PER_NODE ...); without it torchrun assigns them.
+exec python -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
+  --node-rank="$NODE_RANK" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" \
+  --rdzv-id="${RDZV_ID:-titan_rw}" \
+  --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="${SHUTDOWN_TIMEOUT:-120}" \
+  "${entry[@]}" --config "$config" "$@"

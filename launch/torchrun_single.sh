@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One machine, N ranks, no Slurm.
+#   bash launch/torchrun_single.sh [CONFIG] [--section.key value ...]
+#   NPROC_PER_NODE=8 bash launch/torchrun_single.sh train_configs/llama_1p4b.toml
+#   NPROC_PER_NODE=2 bash launch/torchrun_single.sh train_configs/debug_cpu.toml --training.steps 20
+# Environment: NPROC_PER_NODE (default: number of GPUs, else 2 on CPU), VENV (default ./.venv),
+# TRAIN_SCRIPT (a Python file to run instead of -m titan_rw.train).
+# Resume: re-run the same command; the trainer resumes from <dump_folder>/checkpoint.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+if [ -f "$VENV/bin/activate" ]; then
+  # shellcheck disable=SC1091
+  source "$VENV/bin/activate"
+fi
+config=train_configs/debug_cpu.toml
+if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then config=$1; shift; fi
+if [ -z "${NPROC_PER_NODE:-}" ]; then
+  NPROC_PER_NODE=$(python -c 'import torch; print(torch.cuda.device_count() or 2)')
+fi
+entry=(-m titan_rw.train)
+if [ -n "${TRAIN_SCRIPT:-}" ]; then entry=("$TRAIN_SCRIPT"); fi
+export PYTHONUNBUFFERED=1
+exec python -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NPROC_PER_NODE" \
+  --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="${SHUTDOWN_TIMEOUT:-120}" \
+  "${entry[@]}" --config "$config" "$@"

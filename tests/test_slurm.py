@@ -1,0 +1,223 @@
+"""The cluster launch path on a real (one-node, localhost) Slurm: sbatch -> srun -> torchrun c10d
+-> the trainer -> DCP checkpoint -> requeue -> resume. Plus bash -n / shellcheck on every script.
+
+The Slurm tests need the daemons that `launch/slurm_local.sh` starts (CI: launch/ci_services.sh).
+Without them they skip, saying so; with TITAN_RW_REQUIRE_SLURM=1 (set by CI) they fail instead,
+so CI can never pass by skipping.
+
+The job runs the real trainer (`-m titan_rw.train`, train_configs/debug_cpu.toml) when it is there;
+TITAN_RW_SLURM_STANDIN=1 swaps in tests/slurm_standin_train.py (same run-folder contract, seconds
+instead of a minute) to iterate on the scripts themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p for d in ("slurm", "launch") for p in (ROOT / d).glob("*.sh"))
+REQUIRE = os.environ.get("TITAN_RW_REQUIRE_SLURM") == "1"
+STANDIN = os.environ.get("TITAN_RW_SLURM_STANDIN") == "1" or not (ROOT / "titan_rw" / "train.py").exists()
+
+
+def _sh(*cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _slurm_missing() -> str | None:
+    """Why the Slurm tests cannot run here, or None."""
+    if not shutil.which("sbatch"):
+        return "Slurm is not installed (sbatch not found); CI installs and starts it with launch/slurm_local.sh"
+    try:
+        ping = _sh("scontrol", "ping", timeout=15)
+        nodes = _sh("sinfo", "-h", "-o", "%t", timeout=15)
+    except (subprocess.TimeoutExpired, OSError) as e:
+        return f"Slurm does not answer ({e}); start it with `sudo bash launch/slurm_local.sh`"
+    if "UP" not in ping.stdout:
+        return f"slurmctld is not running ({(ping.stdout + ping.stderr).strip()!r}); start it with `sudo bash launch/slurm_local.sh`"
+    states = {s.strip("*~#!%$@^-") for s in nodes.stdout.split()}
+    if not states & {"idle", "mix", "alloc", "comp"}:
+        return f"no usable Slurm node (states {sorted(states) or 'none'}); start slurmd with `sudo bash launch/slurm_local.sh`"
+    return None
+
+
+def _need_slurm() -> None:
+    why = _slurm_missing()
+    if why is None:
+        return
+    if REQUIRE:
+        pytest.fail(f"TITAN_RW_REQUIRE_SLURM=1 but {why}")
+    pytest.skip(why)
+
+
+# ---- the scripts parse and are shellcheck-clean ------------------------------------------------
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_bash_syntax(script: Path):
+    r = _sh("bash", "-n", str(script))
+    assert r.returncode == 0, r.stderr
+
+
+def test_shellcheck_all_scripts():
+    if not shutil.which("shellcheck"):
+        if REQUIRE:
+            pytest.fail("shellcheck not installed (apt-get install shellcheck; launch/ci_services.sh does)")
+        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    r = _sh("shellcheck", "-x", "-P", "SCRIPTDIR", *[str(p.relative_to(ROOT)) for p in SCRIPTS], timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_slurm_scripts_have_the_cluster_essentials():
+    for name in ("llama7b.sh", "llama1p4b.sh", "debug_cpu.sh", "tokenize_fineweb.sh"):
+        text = (ROOT / "slurm" / name).read_text()
+        for needle in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@", "#SBATCH --output=slurm/logs/%x-%j.out",
+                       "#SBATCH --job-name="):
+            assert needle in text, (name, needle)
+    common = (ROOT / "slurm" / "common.sh").read_text()
+    for needle in ("--rdzv-backend=c10d", '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"', '--rdzv-id="$SLURM_JOB_ID"',
+                   "--ntasks-per-node=1", "SIGUSR1", "scontrol requeue"):
+        assert needle in common, needle
+
+
+# ---- real Slurm ---------------------------------------------------------------------------------
+
+def _job_args(run_dir: Path, steps: int, interval: int) -> tuple[list[str], list[str]]:
+    """(extra sbatch environment, trainer overrides) for a short debug_cpu job."""
+    env = [f"RUN_DIR={run_dir}"]
+    if STANDIN:
+        env.append("TRAIN_SCRIPT=tests/slurm_standin_train.py")
+        over = ["--standin.step_seconds", "0.4"]
+    else:
+        # tiny and quick: no TensorBoard, log (and so flush metrics.jsonl) every step
+        over = ["--reweight.log_interval", "1", "--reweight.warmup_steps", "1",
+                "--lr_scheduler.warmup_steps", "2", "--metrics.enable_tensorboard", "false"]
+    over += ["--training.steps", str(steps), "--checkpoint.interval", str(interval)]
+    return env, over
+
+
+def _sbatch(tmp: Path, run_dir: Path, steps: int, interval: int, *, wait: bool) -> tuple[subprocess.CompletedProcess, str]:
+    env, over = _job_args(run_dir, steps, interval)
+    name = f"titan-rw-test-{uuid.uuid4().hex[:8]}"
+    cmd = ["sbatch", "--parsable", f"--job-name={name}", f"--output={tmp}/slurm-%j.out",
+           "--export=ALL," + ",".join(env), "--time=00:10:00"]
+    if wait:
+        cmd.append("--wait")
+    cmd += ["slurm/debug_cpu.sh", *over]
+    r = _sh(*cmd, timeout=600)
+    m = re.search(r"^(\d+)", r.stdout.strip(), re.M)
+    assert m, f"sbatch printed no job id: {r.stdout!r} {r.stderr!r}"
+    return r, m.group(1)
+
+
+def _job(job_id: str) -> dict[str, str]:
+    out = _sh("scontrol", "show", "job", "-o", job_id).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def _steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            pass  # a line being written
+    return rows
+
+
+def _checkpoints(run_dir: Path) -> list[int]:
+    """Complete checkpoints: DCP writes .metadata last (so does the stand-in)."""
+    out = []
+    for p in (run_dir / "checkpoint").glob("step-*"):
+        if (p / ".metadata").exists():
+            out.append(int(p.name.split("-")[1]))
+    return sorted(out)
+
+
+def _log(tmp: Path, job_id: str) -> str:
+    p = tmp / f"slurm-{job_id}.out"
+    return p.read_text(errors="replace") if p.exists() else "(no job log)"
+
+
+def _cancel(job_id: str) -> None:
+    _sh("scancel", job_id)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sbatch_debug_cpu_completes_with_metrics_and_checkpoint(tmp_path):
+    _need_slurm()
+    run = tmp_path / "run"
+    steps = 4
+    r, job = _sbatch(tmp_path, run, steps=steps, interval=2, wait=True)
+    try:
+        log = _log(tmp_path, job)
+        info = _job(job)
+        assert r.returncode == 0, f"sbatch --wait exit {r.returncode}: {r.stderr}\n{log}"
+        assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", (info, log)
+        assert _steps(run) == list(range(1, steps + 1)), log
+        assert steps in _checkpoints(run), (sorted(p.name for p in (run / "checkpoint").glob("*")), log)
+        assert "rendezvous localhost:" in log and "restart 0" in log, log
+    finally:
+        _cancel(job)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_scontrol_requeue_resumes_from_checkpoint(tmp_path):
+    _need_slurm()
+    run = tmp_path / "run"
+    steps, interval = 40, 3
+    _, job = _sbatch(tmp_path, run, steps=steps, interval=interval, wait=False)
+    try:
+        # 1. running, with a complete checkpoint and a step logged past it
+        deadline = time.time() + 300
+        while not (_checkpoints(run) and max(_steps(run), default=0) > _checkpoints(run)[0]):
+            state = _job(job).get("JobState")
+            assert state in ("PENDING", "CONFIGURING", "RUNNING"), (state, _log(tmp_path, job))
+            assert time.time() < deadline, f"no checkpoint after 300 s\n{_log(tmp_path, job)}"
+            time.sleep(1)
+        assert max(_steps(run)) < steps, "the job finished before it could be requeued: raise steps"
+
+        # 2. requeue: Slurm stops it (SIGTERM, SIGKILL after KillWait) and queues it again
+        r = _sh("scontrol", "requeue", job)
+        assert r.returncode == 0, r.stderr
+        deadline = time.time() + 120
+        while _job(job).get("JobState") in ("RUNNING", "COMPLETING", "REQUEUED", "CONFIGURING"):
+            assert time.time() < deadline, _log(tmp_path, job)
+            time.sleep(0.5)
+        info = _job(job)
+        assert info.get("JobState") == "PENDING" and info.get("Restarts") == "1", info
+        # while it waits (Slurm holds a requeued job ~cred_expire s), nothing runs: snapshot
+        before = _steps(run)
+        ckpt = max(_checkpoints(run))
+        assert ckpt >= interval
+
+        # 3. back on the node, resumed from that checkpoint, to the end
+        deadline = time.time() + 360
+        while (state := _job(job).get("JobState")) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            assert time.time() < deadline, f"requeued job not finished after 360 s\n{_log(tmp_path, job)}"
+            time.sleep(1)
+        log = _log(tmp_path, job)
+        info = _job(job)
+        assert state == "COMPLETED" and info.get("ExitCode") == "0:0", (info, log)
+        assert info.get("Restarts") == "1", info
+        after = _steps(run)
+        new = after[len(before):] if after[: len(before)] == before else after
+        assert new, f"no steps after the requeue\n{log}"
+        assert new[0] == ckpt + 1, f"resumed at step {new[0]}, expected {ckpt + 1} (checkpoint step-{ckpt})\n{log}"
+        assert new == list(range(ckpt + 1, steps + 1)), new
+        assert "restart 1 on 1 node(s)" in log and f"newest checkpoint: step-{ckpt}" in log, log
+    finally:
+        _cancel(job)
