@@ -153,3 +153,27 @@ def test_streaming_bad_inputs(tmp_path):
     dl = build(str(tmp_path / "mixed.parquet"))
     src = dl.stream.datasets[0].source
     assert src.n_docs == 1 and src.read_stats.invalid_utf8 == 1
+
+
+def test_fsspec_input_url(tmp_path):
+    """An fsspec URL (here memory://, as hf:// or s3:// would be) is expanded, tokenized and streamed."""
+    import fsspec
+
+    from titan_rw.data.loader import TokenDataLoader
+    from titan_rw.data.parquet import expand_parquet_paths
+
+    fs = fsspec.filesystem("memory")
+    for i in range(2):
+        with fs.open(f"/titan_rw_test/fw/part{i}.parquet", "wb") as f:
+            pq.write_table(pa.table({"text": [f"remote doc {i} {j}" for j in range(5)], "id": [f"{i}-{j}" for j in range(5)]}), f)
+    try:
+        assert expand_parquet_paths("memory://titan_rw_test/fw") == [
+            f"memory:///titan_rw_test/fw/part{i}.parquet" for i in range(2)]
+        shards = run_tokenize("memory://titan_rw_test/fw", str(tmp_path / "o"), DEFAULT_TOKENIZER, progress=False)
+        assert [open_shard(s).n_docs for s in shards] == [5, 5]
+        dl = TokenDataLoader.Config(dataset_path="memory://titan_rw_test/fw").build(
+            dp_world_size=1, dp_rank=0, seq_len=8, local_batch_size=2)
+        next(iter(dl))
+        assert dl.last_provenance[0][0]["shard"].startswith("memory://")
+    finally:
+        fs.rm("/titan_rw_test", recursive=True)

@@ -158,7 +158,9 @@ def build_pipeline(input_spec, output: str, tokenizer_path: str, *, text_key: st
                    limit: int = -1) -> tuple[list, list[str]]:
     paths = expand_parquet_paths(input_spec)
     root, rel = _common_root(paths)
-    os.makedirs(output, exist_ok=True) if "://" not in output else None
+    if "://" in output:
+        raise ValueError(f"--output {output}: must be a local (or mounted shared) directory")
+    os.makedirs(output, exist_ok=True)
     paths_file = os.path.join(_work_dir(output), "input_paths.txt")
     os.makedirs(os.path.dirname(paths_file), exist_ok=True)
     with open(paths_file, "w") as f:
