@@ -351,12 +351,10 @@ def _data_configs(values) -> tuple[Any, Any, str]:
         from titan_rw.data.loader import TokenDataLoader
         from titan_rw.data.tokenizer import SentencePieceTokenizer
 
-        kw: dict[str, Any] = {"num_workers": d.num_workers}
-        if d.dataset_path is not None:
-            kw["dataset_path"] = d.dataset_path
         fields = {f.name for f in dataclasses.fields(TokenDataLoader.Config)}
-        if "seed" in fields:
-            kw["seed"] = d.seed
+        wanted = {"num_workers": d.num_workers, "seed": d.seed, "dataset_path": d.dataset_path,
+                  "tokenizer_path": d.tokenizer}
+        kw = {k: v for k, v in wanted.items() if k in fields and v is not None}
         return SentencePieceTokenizer.Config(), TokenDataLoader.Config(**kw), str(d.tokenizer or DEFAULT_TOKENIZER)
     from titan_rw.synthetic import ByteTokenizer, SyntheticDataLoader
 

@@ -50,7 +50,7 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
 def train_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, overrides = _split(argv)
-    if args.nproc is not None and args.nproc > 1 and not _under_torchrun():
+    if args.nproc is not None and args.nproc > 1 and not args.check and not _under_torchrun():
         return _relaunch(args.nproc, argv)
 
     from titan_rw import config as cfgmod

@@ -410,10 +410,11 @@ class ReweightTrainer(Trainer):
 
     def close(self) -> None:
         try:
-            self._flush()
+            if hasattr(self, "_rows"):
+                self._flush()
         except Exception as e:  # noqa: BLE001  closing must not mask the original error
             logger.warning(f"titan_rw: could not flush the last metrics: {e}")
-        if self._metrics_fh is not None:
+        if getattr(self, "_metrics_fh", None) is not None:
             self._metrics_fh.close()
             self._metrics_fh = None
         super().close()
