@@ -1,0 +1,87 @@
+"""TOML ⇄ Trainer.Config: the shipped configs build, overrides apply, bad configs are rejected
+before any compute with a message naming the file and the key."""
+
+import os
+
+import pytest
+
+from titan_rw import config as C
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEBUG = os.path.join(ROOT, "train_configs", "debug_cpu.toml")
+
+
+def write(tmp_path, text, name="run.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize("name,world", [("debug_cpu", 1), ("debug_cpu", 2), ("llama_1p4b", 64), ("llama_7b", 128)])
+def test_shipped_configs_build(name, world):
+    cfg = C.from_args(os.path.join(ROOT, "train_configs", f"{name}.toml"), world_size=world)
+    assert cfg.model_spec is not None and cfg.reweight.strategy == "linupper"
+    assert cfg.checkpoint.last_save_model_only is False
+    assert cfg.parallelism.spmd_backend == "partial_dtensor"
+    if name != "debug_cpu":
+        t = cfg.training
+        assert (t.global_batch_size, t.seq_len) == (128, 8192)
+        assert cfg.optimizer.param_groups[0].optimizer_kwargs["lr"] == 3e-4
+        assert cfg.optimizer.param_groups[0].optimizer_kwargs["weight_decay"] == 0.01
+        assert cfg.lr_scheduler.warmup_steps == 2000 and cfg.lr_scheduler.decay_type == "cosine"
+        assert cfg.lr_scheduler.min_lr_factor == pytest.approx(0.1)
+        assert t.max_norm == 1.0 and t.mixed_precision_param == "bfloat16"
+        assert cfg.compile.enable and cfg.activation_checkpoint is not None
+        assert cfg.reweight.warmup_temperature == 100.0 and cfg.reweight.warmup_steps == 2000
+        assert (t.steps, cfg.reweight.temperature) == ((100_000, 1.0) if name == "llama_1p4b" else (170_000, 2.0))
+
+
+def test_cli_overrides_apply_with_types():
+    cfg = C.from_args(DEBUG, ["--training.steps", "7", "--reweight.strategy", "quadratic", "--reweight.cap=2",
+                              "--job.dump_folder", "/tmp/123", "--compile.enable", "true", "--reweight.cap", "none",
+                              "--optimizer.lr", "1e-3"])
+    assert cfg.training.steps == 7 and cfg.reweight.strategy == "quadratic" and cfg.reweight.cap is None
+    assert cfg.dump_folder == "/tmp/123" and cfg.compile.enable is True
+    assert cfg.optimizer.param_groups[0].optimizer_kwargs["lr"] == 1e-3
+
+
+def test_toml_round_trip(tmp_path):
+    values = C.load(DEBUG)
+    again = C.load(write(tmp_path, C.to_toml(values)))
+    assert again == values
+
+
+@pytest.mark.parametrize(
+    "text,overrides,world,needles",
+    [
+        ("[trainig]\nsteps = 3\n", [], 1, ["run.toml", "unknown section [trainig]"]),
+        ("[training]\nstepz = 3\n", [], 1, ["run.toml", "unknown key training.stepz"]),
+        ("[training]\nsteps = \"ten\"\n", [], 1, ["run.toml", "training.steps must be int"]),
+        ("[reweight]\ncap = true\n", [], 1, ["run.toml", "reweight.cap must be"]),
+        ("[model]\nflavor = \"13B\"\n", [], 1, ["run.toml", "model.flavor", "'13B'", "1.4B"]),
+        ("[reweight]\nstrategy = \"softmax\"\n", [], 1, ["run.toml", "reweight.strategy", "linupper"]),
+        ("[model]\nflavor = \"debug\"\n[training]\nseq_len = 4096\n", [], 1, ["run.toml", "training.seq_len 4096", "2048"]),
+        ("[training]\nlocal_batch_size = 8\nglobal_batch_size = 24\n", [], 2,
+         ["run.toml", "training.global_batch_size 24", "local_batch_size 8", "data-parallel degree 2"]),
+        ("[parallelism]\ntensor_parallel_degree = 2\n", [], 2, ["run.toml", "parallelism.tensor_parallel_degree"]),
+        ("[reweight]\ncap = 0.5\n", [], 1, ["run.toml", "cap"]),
+        ("[reweight]\ntemperature = 0.0\n", [], 1, ["run.toml", "temperature"]),
+        ("[reweight]\nscope = \"epoch\"\n", [], 1, ["run.toml", "reweight.scope", "global_batch"]),
+        ("steps = 3\n", [], 1, ["run.toml", "must be a [section]"]),
+        ("", ["--training.steps", "abc"], 1, ["command line --training.steps", "must be int"]),
+        ("", ["--training.nope", "1"], 1, ["command line --training.nope", "unknown key"]),
+        ("", ["training.steps", "1"], 1, ["expected --section.key value"]),
+        ("", ["--model.flavor", "70B"], 1, ["model.flavor", "'70B'"]),
+    ],
+)
+def test_rejections_name_file_and_key(tmp_path, text, overrides, world, needles):
+    path = write(tmp_path, text)
+    with pytest.raises(C.ConfigError) as e:
+        C.from_args(path, overrides, world_size=world)
+    for n in needles:
+        assert n in str(e.value), (n, str(e.value))
+
+
+def test_missing_file():
+    with pytest.raises(C.ConfigError, match="not found"):
+        C.load("/nonexistent/x.toml")
