@@ -57,12 +57,17 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def real_shards(tmp_path_factory):
-    """The embedded validation split tokenized by the real datatrove pipeline: (dir, tokenizer)."""
+    """The whole embedded corpus (train + validation, 8 parquet files) tokenized by the real
+    datatrove pipeline: (dir, tokenizer). Shards 0-3 are train, 4-7 validation (sorted input order)."""
     import titan_rw  # noqa: F401
-    from titan_rw.data import DEFAULT_TOKENIZER, EMBEDDED_VALIDATION
+    from titan_rw.data import DEFAULT_TOKENIZER, EMBEDDED_CORPUS
     from titan_rw.data.tokenize import run_tokenize
     from titan_rw.data.tokenizer import SentencePieceTokenizer
 
     out = str(tmp_path_factory.mktemp("real_shards"))
-    run_tokenize(EMBEDDED_VALIDATION, out, DEFAULT_TOKENIZER, workers=1, progress=False)
+    run_tokenize(EMBEDDED_CORPUS, out, DEFAULT_TOKENIZER, workers=1, progress=False)
     return out, SentencePieceTokenizer(tokenizer_path=DEFAULT_TOKENIZER)
+
+
+def validation_shards(out: str) -> str:
+    return os.path.join(out, "shard_0000[4-7].ds")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import titan_rw  # noqa: F401  (compat patches before torchtitan)
-from test_data_helpers import real_shards, synthetic_dataset, write_shard  # noqa: F401
+from test_data_helpers import real_shards, synthetic_dataset, validation_shards, write_shard  # noqa: F401
 from titan_rw.data.loader import IGNORE_INDEX, STATE_KEY, TokenDataLoader
 from titan_rw.data.parquet import DataError
 
@@ -69,6 +69,7 @@ def test_epoch_covers_every_token_exactly_once(synth, W):
 
 def test_real_corpus_shards_cover_every_token(real_shards):
     path, tok = real_shards
+    path = validation_shards(path)
     L = 64
     loaders = [make(path, W=2, k=k, B=4, L=L, tokenizer=tok, infinite=False, check_tokenizer=True) for k in range(2)]
     src = loaders[0].stream.datasets[0].source

@@ -12,7 +12,7 @@ import pytest
 
 import titan_rw  # noqa: F401
 from test_data_helpers import real_shards, write_docs_parquet  # noqa: F401
-from titan_rw.data import DEFAULT_TOKENIZER, EMBEDDED_VALIDATION
+from titan_rw.data import DEFAULT_TOKENIZER, EMBEDDED_CORPUS
 from titan_rw.data.parquet import DataError, ReadStats, iter_parquet_documents
 from titan_rw.data.shards import open_shard, read_metadata
 from titan_rw.data.tokenize import run_tokenize
@@ -27,7 +27,8 @@ def _invalid_utf8_string_array(values: list[bytes]) -> pa.Array:
 
 def test_embedded_corpus_end_to_end(real_shards):
     out, tok = real_shards
-    files = sorted(glob.glob(os.path.join(EMBEDDED_VALIDATION, "*.parquet")))
+    files = sorted(glob.glob(os.path.join(EMBEDDED_CORPUS, "*", "*.parquet")))
+    assert len(files) == 8
     shards = sorted(glob.glob(os.path.join(out, "*.ds")))
     assert len(shards) == len(files)  # one task per input file, files in sorted order
     total = 0
@@ -177,3 +178,33 @@ def test_fsspec_input_url(tmp_path):
         assert dl.last_provenance[0][0]["shard"].startswith("memory://")
     finally:
         fs.rm("/titan_rw_test", recursive=True)
+
+
+def test_slurm_executor_submits_and_array_tasks_run(tmp_path, monkeypatch):
+    """--slurm: datatrove's SlurmPipelineExecutor writes an sbatch array script and submits it
+    (a stand-in `sbatch` records it); each array task then runs the pickled pipeline as a node would."""
+    import dill
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    sbatch = bindir / "sbatch"
+    sbatch.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/sbatch_calls\necho "Submitted batch job 4242"\n')
+    sbatch.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):
+        write_docs_parquet(str(src / f"p{i}.parquet"), [f"slurm doc {i}.{j}" for j in range(4)])
+    out = tmp_path / "out"
+    slurm = {"partition": "cpu", "time": "01:00:00", "cpus_per_task": 2, "mem_per_cpu_gb": 2,
+             "sbatch_args": {"account": "myproj"}}
+    assert run_tokenize(str(src), str(out), DEFAULT_TOKENIZER, slurm=slurm, progress=False) == []
+    script = (out / ".datatrove" / "launch_script.slurm").read_text()
+    assert "--partition=cpu" in script and "--account=myproj" in script and "--array=0-1" in script
+    assert (tmp_path / "sbatch_calls").read_text().count("\n") == 2  # the job + datatrove's stats merge
+    for i in range(2):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(i))
+        monkeypatch.setenv("SLURM_NODELIST", "node01")
+        with open(out / ".datatrove" / "executor.pik", "rb") as f:
+            dill.load(f).run()
+    assert [open_shard(str(out / f"shard_{i:05d}.ds")).n_docs for i in range(2)] == [4, 4]
