@@ -352,6 +352,8 @@ class TokenDataLoader(BaseDataLoader):
         return self.local_batch_size * self.dp_world_size
 
     def next_batch(self) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+        """The next local batch (advancing the global cursor by B * W rows), or None once a
+        non-infinite stream has ended. `__iter__` is a loop over this."""
         st = self.stream
         if st.finished:
             return None

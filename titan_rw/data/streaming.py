@@ -53,10 +53,43 @@ def parquet_part(path: str, tokenizer, *, add_bos=True, add_eos=True, text_key="
     )
 
 
+_CACHE: dict = {}
+_CACHE_MAX = 4
+
+
+def _cache_key(files: list[str], tokenizer, add_bos, add_eos, text_key, name):
+    import os
+
+    stamps = []
+    for f in files:
+        try:
+            st = os.stat(f)
+            stamps.append((f, st.st_size, st.st_mtime_ns))
+        except OSError:
+            return None  # remote or vanished: do not cache
+    tok_id = getattr(tokenizer, "sha256", None) or id(tokenizer)
+    return (tuple(stamps), tok_id, add_bos, add_eos, text_key, name)
+
+
 def open_parquet_source(
     spec, tokenizer, *, add_bos=True, add_eos=True, text_key="text", name: str | None = None
 ) -> TokenSource:
+    """Tokenize parquet into a TokenSource. Local inputs are cached in-process (keyed by file
+    size/mtime and tokenizer hash), so e.g. the Validator's loader, rebuilt at every validation,
+    tokenizes the held-out split once."""
     files = expand_parquet_paths(spec)
+    key = _cache_key(files, tokenizer, add_bos, add_eos, text_key, name)
+    if key is not None and key in _CACHE:
+        return _CACHE[key]
+    src = _open_parquet_source(files, spec, tokenizer, add_bos=add_bos, add_eos=add_eos, text_key=text_key, name=name)
+    if key is not None:
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = src
+    return src
+
+
+def _open_parquet_source(files, spec, tokenizer, *, add_bos, add_eos, text_key, name) -> TokenSource:
     stats = ReadStats()
     t0 = time.perf_counter()
     total = 0
