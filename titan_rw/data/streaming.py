@@ -9,6 +9,7 @@ The whole input is tokenized once, at loader build, in memory (the shipped corpu
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import numpy as np
@@ -58,8 +59,6 @@ _CACHE_MAX = 4
 
 
 def _cache_key(files: list[str], tokenizer, add_bos, add_eos, text_key, name):
-    import os
-
     stamps = []
     for f in files:
         try:
@@ -95,8 +94,6 @@ def _open_parquet_source(files, spec, tokenizer, *, add_bos, add_eos, text_key, 
     total = 0
     for f in files:
         try:
-            import os
-
             total += os.path.getsize(f)
         except OSError:
             pass
