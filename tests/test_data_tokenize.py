@@ -196,11 +196,14 @@ def test_slurm_executor_submits_and_array_tasks_run(tmp_path, monkeypatch):
     for i in range(2):
         write_docs_parquet(str(src / f"p{i}.parquet"), [f"slurm doc {i}.{j}" for j in range(4)])
     out = tmp_path / "out"
-    slurm = {"partition": "cpu", "time": "01:00:00", "cpus_per_task": 2, "mem_per_cpu_gb": 2,
+    monkeypatch.setenv("SLURM_JOB_PARTITION", "cpu")  # the driver runs inside an allocation
+    monkeypatch.setenv("VIRTUAL_ENV", "/opt/venvs/titan")
+    slurm = {"partition": None, "time": "01:00:00", "cpus_per_task": 2, "mem_per_cpu_gb": 2,
              "sbatch_args": {"account": "myproj"}}
     assert run_tokenize(str(src), str(out), DEFAULT_TOKENIZER, slurm=slurm, progress=False) == []
     script = (out / ".datatrove" / "launch_script.slurm").read_text()
     assert "--partition=cpu" in script and "--account=myproj" in script and "--array=0-1" in script
+    assert "source /opt/venvs/titan/bin/activate" in script  # array tasks run in the driver's venv
     assert (tmp_path / "sbatch_calls").read_text().count("\n") == 2  # the job + datatrove's stats merge
     for i in range(2):
         monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(i))

@@ -55,8 +55,10 @@ def tokenize_main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to each document")
     p.add_argument("--limit", type=int, default=-1, help="documents per task (for a quick trial)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--logging-dir", default=None,
+                   help="datatrove logs, stats and completion markers (default OUTPUT/.datatrove)")
     p.add_argument("--slurm", action="store_true", help="submit with datatrove's SlurmPipelineExecutor")
-    p.add_argument("--partition", default=None, help="Slurm partition")
+    p.add_argument("--partition", default=None, help="Slurm partition (default: $SLURM_JOB_PARTITION)")
     p.add_argument("--time", default="12:00:00", help="Slurm time limit per task")
     p.add_argument("--cpus-per-task", type=int, default=1)
     p.add_argument("--mem-per-cpu-gb", type=int, default=2)
@@ -82,7 +84,7 @@ def tokenize_main(argv: list[str] | None = None) -> int:
         shards = run_tokenize(
             a.input if len(a.input) > 1 else a.input[0], a.output, a.tokenizer or DEFAULT_TOKENIZER,
             workers=a.workers, tasks=a.tasks, text_key=a.text_key, add_bos=not a.no_bos,
-            slurm=slurm, progress=not a.no_progress, limit=a.limit,
+            slurm=slurm, progress=not a.no_progress, limit=a.limit, logging_dir=a.logging_dir,
         )
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"titan-rw tokenize: {e}", file=sys.stderr)

@@ -155,13 +155,13 @@ def precheck_inputs(paths: list[str], text_key: str = "text") -> None:
 
 def build_pipeline(input_spec, output: str, tokenizer_path: str, *, text_key: str = "text",
                    add_bos: bool = True, add_eos: bool = True, progress: bool = True,
-                   limit: int = -1) -> tuple[list, list[str]]:
+                   limit: int = -1, logging_dir: str | None = None) -> tuple[list, list[str]]:
     paths = expand_parquet_paths(input_spec)
     root, rel = _common_root(paths)
     if "://" in output:
         raise ValueError(f"--output {output}: must be a local (or mounted shared) directory")
     os.makedirs(output, exist_ok=True)
-    paths_file = os.path.join(_work_dir(output), "input_paths.txt")
+    paths_file = os.path.join(logging_dir or _work_dir(output), "input_paths.txt")
     os.makedirs(os.path.dirname(paths_file), exist_ok=True)
     with open(paths_file, "w") as f:
         f.write("\n".join(rel) + "\n")
@@ -191,30 +191,37 @@ def run_tokenize(
     progress: bool = True,
     precheck: bool = True,
     limit: int = -1,
+    logging_dir: str | None = None,
 ) -> list[str]:
     """Tokenize parquet into shards under `output`; returns the shard paths (local runs).
 
     tasks: number of shards / datatrove tasks (default: one per input file, at most 1 per file
     is useful). slurm: dict of SlurmPipelineExecutor kwargs (partition, time, ...) to submit
-    instead of running locally.
+    instead of running locally (partition defaults to $SLURM_JOB_PARTITION inside an allocation).
+    logging_dir: datatrove's logs, stats and completion markers (default OUTPUT/.datatrove).
     """
     from titan_rw.data.tokenizer import resolve_model_path
 
     tokenizer_path = str(resolve_model_path(tokenizer_path))
     pipeline, paths = build_pipeline(input_spec, output, tokenizer_path, text_key=text_key,
-                                     add_bos=add_bos, add_eos=add_eos, progress=progress, limit=limit)
+                                     add_bos=add_bos, add_eos=add_eos, progress=progress, limit=limit,
+                                     logging_dir=logging_dir)
     if precheck:
         precheck_inputs(paths, text_key)
     n_tasks = tasks or len(paths)
-    logging_dir = _work_dir(output)
+    logging_dir = logging_dir or _work_dir(output)
     if slurm is not None:
         from datatrove.executor import SlurmPipelineExecutor
 
         kw = dict(slurm)
         kw.setdefault("job_name", "titan_rw_tokenize")
         kw.setdefault("time", "12:00:00")
-        if "partition" not in kw:
-            raise ValueError("--slurm needs --partition")
+        if not kw.get("partition"):
+            kw["partition"] = os.environ.get("SLURM_JOB_PARTITION")
+        if not kw.get("partition"):
+            raise ValueError("--slurm needs --partition (or run inside a Slurm allocation)")
+        if os.environ.get("VIRTUAL_ENV") and "condaenv" not in kw:
+            kw.setdefault("venv_path", os.path.join(os.environ["VIRTUAL_ENV"], "bin", "activate"))
         ex = SlurmPipelineExecutor(pipeline=pipeline, tasks=n_tasks, logging_dir=logging_dir, **kw)
         ex.run()
         return []
