@@ -1,0 +1,638 @@
+"""Observability of the reweighted run: metrics.jsonl and TensorBoard, in one place.
+
+`RunLogger` is what the trainer calls:
+
+    rl = RunLogger.Config(log_interval=10).build(dump_folder, rank)   # or .build(..., writer=...)
+    rl.record(step, stats, temperature=r, provenance=rows, ntokens=n, extra={"lr": lr, "grad_norm": g})
+    if rl.should_flush(step): rows = rl.flush(step)                   # list of the rows just written
+    rl.close()
+
+`record` never reads a device tensor on the host: it reduces the step's `WeightStats` to one small
+device vector with tensor ops and keeps references to the per-sample vectors it will need (weights
+and losses on histogram / sample steps, or when provenance is given). `flush` concatenates every
+pending device tensor into one flat float32 tensor and moves it to the host in ONE transfer, then
+writes, per recorded step:
+
+- one JSON object to `<dump_folder>/metrics.jsonl` (names below; `read_metrics` reads them back),
+- TensorBoard scalars / histograms / text, tags grouped as in DESIGN.md §5:
+
+  loss/unweighted, loss/weighted                         mean f_i, Σ w_i f_i
+  weights/max, weights/ess (1/Σw²), weights/entropy (nats), weights/temperature
+  weights/weight_hist, weights/loss_hist                 histograms over the b valid samples
+  weights/max_window                                     max weight of each of the last N steps
+  bound/two_over_b, bound/ratio (max·b/2, ≤ 1 holds), bound/violations, bound/violations_total
+  bound/ratio_window                                     max·b/2 of each of the last N steps
+  data/mean_weight/<domain>   mean b·w of the domain's rows (1 = uniform weight)
+  data/share/<domain>         the domain's share of the rows (token-weighted)
+  data/weight_mass/<domain>   the domain's share of the total weight
+  data/top_weighted, data/bottom_weighted   text plugin: k most / least weighted samples
+  perf/tokens_per_sec (per device), perf/mfu (%), perf/<extra key> (lr, grad_norm, ...)
+
+The k most / least weighted samples also go to `<dump_folder>/samples.jsonl`.
+
+Only rank 0 (or the `rank` given as the writer) writes; on other ranks every call is a no-op.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+
+# Per-step device vector, in this order (then the temperature if it is a tensor, then tensor extras).
+_ROW = ("loss", "weighted_loss", "max_weight", "b", "bound_ratio", "bound_violations", "ess", "weight_entropy")
+
+# metrics.jsonl key -> TensorBoard tag
+SCALAR_TAGS = {
+    "loss": "loss/unweighted",
+    "weighted_loss": "loss/weighted",
+    "max_weight": "weights/max",
+    "ess": "weights/ess",
+    "weight_entropy": "weights/entropy",
+    "temperature": "weights/temperature",
+    "max_weight_bound": "bound/two_over_b",
+    "bound_ratio": "bound/ratio",
+    "bound_violations": "bound/violations",
+    "bound_violations_total": "bound/violations_total",
+    "tokens_per_sec": "perf/tokens_per_sec",
+    "mfu": "perf/mfu",
+}
+HIST_TAGS = {"weights": "weights/weight_hist", "losses": "weights/loss_hist"}
+WINDOW_TAGS = {"max_weight": "weights/max_window", "bound_ratio": "bound/ratio_window"}
+TEXT_TAGS = {"top": "data/top_weighted", "bottom": "data/bottom_weighted"}
+
+
+def _extra_tag(key: str) -> str:
+    return key if "/" in key else f"perf/{key}"
+
+
+def tb_writer_of(metrics_processor) -> Any | None:
+    """The SummaryWriter inside a TorchTitan MetricsProcessor (None when TensorBoard is off there).
+
+    Passing it to `build(writer=...)` puts our tags in TorchTitan's own event directory, so
+    TensorBoard shows one run with both sets of tags."""
+    lg = getattr(metrics_processor, "logger", None)
+    for sub in getattr(lg, "_loggers", [lg]):
+        w = getattr(sub, "writer", None)
+        if w is not None:
+            return w
+    return None
+
+
+class RunLogger:
+    @dataclass(kw_only=True, slots=True)
+    class Config:
+        enable_tensorboard: bool = True
+        """Write TensorBoard event files (metrics.jsonl is always written)."""
+        save_tb_folder: str = "tb"
+        """Under dump_folder, like TorchTitan's metrics.save_tb_folder (a timestamped run dir below)."""
+        metrics_file: str = METRICS_FILE
+        samples_file: str = SAMPLES_FILE
+        log_interval: int = 10
+        """Steps between host reads (flushes); steps 1 and the last step flush too."""
+        histogram_interval: int = 50
+        """Histograms of the weights and per-sample losses every N steps (and at step 1)."""
+        samples_interval: int = 100
+        """Text/doc id/URL of the top_k most and least weighted samples every N steps (and step 1)."""
+        top_k: int = 3
+        snippet_chars: int = 240
+        max_weight_window: int = 1000
+        """Steps in the windowed distribution of the per-step max weight."""
+        bound_c: float = 2.0
+        """Theorem 1's bound is max w <= bound_c / b."""
+        bound_tol: float = 1e-6
+        """Relative slack before max·b/c > 1 counts as a violation (float rounding of a capped max)."""
+        lookup_parquet: list[str] = field(default_factory=list)
+        """Extra parquet files/dirs with id/url/text columns to resolve sample doc ids to URL and text
+        (a provenance shard that is itself a parquet file is looked up without this)."""
+        lookup_max_mb: float = 512.0
+        """Skip text lookup in parquet files larger than this (rank 0 would stall)."""
+
+        def validate(self) -> None:
+            for name in ("log_interval", "histogram_interval", "samples_interval", "max_weight_window"):
+                if getattr(self, name) < 1:
+                    raise ValueError(f"RunLogger.Config.{name} must be >= 1, got {getattr(self, name)}")
+            if self.top_k < 0:
+                raise ValueError(f"RunLogger.Config.top_k must be >= 0, got {self.top_k}")
+            if not self.bound_c > 0:
+                raise ValueError(f"RunLogger.Config.bound_c must be > 0, got {self.bound_c}")
+
+        def build(self, dump_folder: str, rank: int = 0, **kwargs) -> "RunLogger":
+            return RunLogger(self, dump_folder=dump_folder, rank=rank, **kwargs)
+
+    def __init__(
+        self,
+        config: "RunLogger.Config",
+        *,
+        dump_folder: str,
+        rank: int = 0,
+        writer_rank: int = 0,
+        writer: Any | None = None,
+        tb_dir: str | None = None,
+        num_flops_per_token: float | None = None,
+        peak_flops: float | None = None,
+        decode=None,
+        static: Mapping[str, Any] | None = None,
+        total_steps: int | None = None,
+    ):
+        """`writer`: an existing SummaryWriter (e.g. `tb_writer_of(trainer.metrics_processor)`).
+        `num_flops_per_token`, `peak_flops`: MFU = 100 · flops/token · tokens/s per device / peak.
+        `decode(list[int]) -> str`: renders the sample snippets from the `inputs` given to record.
+        `static`: constant fields copied into every metrics.jsonl row (e.g. {"strategy": "linupper"}).
+        `total_steps`: the last step always flushes."""
+        config.validate()
+        self.config = config
+        self.dump_folder = dump_folder
+        self.enabled = rank == writer_rank
+        self.num_flops_per_token = num_flops_per_token
+        self.peak_flops = peak_flops
+        self.decode = decode
+        self.static = dict(static or {})
+        self.total_steps = total_steps
+        self.metrics_path = os.path.join(dump_folder, config.metrics_file)
+        self.samples_path = os.path.join(dump_folder, config.samples_file)
+        self._pending: list[dict] = []  # one per recorded step
+        self._dev: list[torch.Tensor] = []  # flat float32 device pieces of the pending steps
+        self._dev_len = 0
+        self._ntokens = 0
+        self._t_last = time.perf_counter()
+        self.violations_total = 0
+        self._window: collections.deque = collections.deque(maxlen=config.max_weight_window)
+        self._lookup = _DocLookup(config.lookup_parquet, config.lookup_max_mb)
+        self._fh = None
+        self._samples_fh = None
+        self.writer = None
+        self._own_writer = False
+        self.tb_dir = None
+        if not self.enabled:
+            return
+        os.makedirs(dump_folder, exist_ok=True)
+        if config.enable_tensorboard:
+            if writer is not None:
+                self.writer = writer
+                self.tb_dir = getattr(writer, "log_dir", None) or writer.get_logdir()
+            else:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb_dir = tb_dir or os.path.join(
+                    dump_folder, config.save_tb_folder, datetime.now().strftime("%Y%m%d-%H%M")
+                )
+                self.writer = SummaryWriter(self.tb_dir, max_queue=1000)
+                self._own_writer = True
+
+    # ------------------------------------------------------------------ per step (device only)
+    def _put(self, t: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+        """Queue a device tensor for the interval's single transfer; returns its (offset, shape)."""
+        t = t.detach()
+        off = self._dev_len
+        self._dev.append(t.reshape(-1).to(torch.float32))
+        self._dev_len += t.numel()
+        return off, tuple(t.shape)
+
+    @staticmethod
+    def _is_every(step: int, n: int) -> bool:
+        return step == 1 or step % n == 0
+
+    def record(
+        self,
+        step: int,
+        stats,
+        *,
+        temperature: float | torch.Tensor,
+        provenance: Sequence[Any] | None = None,
+        provenance_index: Sequence[int] | None = None,
+        inputs: torch.Tensor | None = None,
+        ntokens: int | None = None,
+        extra: Mapping[str, float | int | torch.Tensor] | None = None,
+    ) -> None:
+        """Store one optimizer step. No host synchronisation: only device ops and references.
+
+        stats: a `titan_rw.loss.WeightStats`, or a sequence of them (one per micro-batch group).
+        provenance: host-side per-sample info (the loader's `last_provenance`: per row a list of
+            document dicts with domain, doc_id, n_tokens, ...; a single dict per row also works).
+        provenance_index: the position of each provenance row in the step's samples (the groups'
+            samples concatenated in order). Default 0..len-1: rank 0's rows of a single group.
+        inputs: optional token ids [rows, L] aligned with provenance; with `decode`, the sample
+            snippets show exactly the text the model saw (kept only on sample steps).
+        ntokens: tokens this device processed in the step (for tokens/s and MFU).
+        extra: more scalars (lr, grad_norm, mfu, ...); tensors stay on device until flush.
+        """
+        if not self.enabled:
+            return
+        groups = list(stats) if isinstance(stats, (list, tuple)) else [stats]
+        if not groups:
+            raise ValueError("RunLogger.record: no WeightStats given")
+        c = self.config.bound_c
+        with torch.no_grad():
+            w = [g.weights.detach().float() for g in groups]
+            max_w = torch.stack([g.max_weight.detach().float().reshape(()) for g in groups])
+            b = torch.stack([g.b.detach().float().reshape(()) for g in groups])
+            ratio = max_w * b / c
+            ess = torch.stack([1.0 / (x * x).sum().clamp(min=1e-30) for x in w])
+            ent = torch.stack([-torch.where(x > 0, x * x.clamp(min=1e-30).log(), 0.0).sum() for x in w])
+            parts = [
+                torch.stack([g.mean_loss.detach().float().reshape(()) for g in groups]).mean(),
+                torch.stack([g.weighted_loss.detach().float().reshape(()) for g in groups]).mean(),
+                max_w.max(),
+                b.max(),
+                ratio.max(),
+                (ratio > 1.0 + self.config.bound_tol).float().sum(),
+                ess.mean(),
+                ent.mean(),
+            ]
+            host: dict[str, Any] = {}
+            dev_keys: list[str] = []
+            if isinstance(temperature, torch.Tensor):
+                parts.append(temperature.detach().float().reshape(()))
+                dev_keys.append("temperature")
+            else:
+                host["temperature"] = float(temperature)
+            for k, v in (extra or {}).items():
+                if isinstance(v, torch.Tensor):
+                    parts.append(v.detach().float().reshape(()))
+                    dev_keys.append(k)
+                else:
+                    host[k] = v
+            entry: dict[str, Any] = {
+                "step": int(step),
+                "row": self._put(torch.stack(parts)),
+                "dev_keys": dev_keys,
+                "host": host,
+            }
+            want_hist = self._is_every(step, self.config.histogram_interval)
+            want_samples = provenance is not None and self.config.top_k > 0 and self._is_every(
+                step, self.config.samples_interval
+            )
+            if want_hist or provenance is not None:
+                entry["weights"] = self._put(torch.cat(w))
+                entry["valid"] = self._put(torch.cat([g.valid.detach().reshape(-1) for g in groups]))
+            if want_hist or want_samples:
+                entry["losses"] = self._put(torch.cat([g.losses.detach().reshape(-1) for g in groups]))
+            entry["hist"] = want_hist
+            if provenance is not None:
+                entry["prov"] = list(provenance)
+                entry["prov_index"] = list(provenance_index) if provenance_index is not None else None
+                entry["samples"] = want_samples
+                if want_samples and inputs is not None and self.decode is not None:
+                    entry["inputs"] = self._put(inputs)
+        if ntokens:
+            self._ntokens += int(ntokens)
+        self._pending.append(entry)
+
+    def should_flush(self, step: int) -> bool:
+        last = self.total_steps is not None and step >= self.total_steps
+        return self.enabled and (self._is_every(step, self.config.log_interval) or last)
+
+    # ------------------------------------------------------------------ at the interval (host)
+    def flush(self, step: int | None = None) -> list[dict]:
+        """Move the interval's device data to the host in one transfer; write metrics.jsonl and
+        TensorBoard. Returns the rows written (for a console line)."""
+        if not self.enabled or not self._pending:
+            return []
+        flat = torch.cat(self._dev).cpu().numpy() if self._dev else np.zeros(0, np.float32)  # the one read
+        pending, self._pending, self._dev, self._dev_len = self._pending, [], [], 0
+
+        def get(slot):
+            off, shape = slot
+            n = int(np.prod(shape)) if shape else 1
+            return flat[off : off + n].reshape(shape)
+
+        now = time.perf_counter()
+        dt = max(now - self._t_last, 1e-9)
+        tps = self._ntokens / dt if self._ntokens else None
+        self._t_last, self._ntokens = now, 0
+
+        rows, samples = [], []
+        for e in pending:
+            v = get(e["row"])
+            row: dict[str, Any] = {"step": e["step"]}
+            for k, x in zip(_ROW, v[: len(_ROW)]):
+                row[k] = float(x)
+            row["b"] = int(round(row["b"]))
+            row["bound_violations"] = int(round(row["bound_violations"]))
+            self.violations_total += row["bound_violations"]
+            row["bound_violations_total"] = self.violations_total
+            row["max_weight_bound"] = self.config.bound_c / row["b"] if row["b"] else float("nan")
+            for k, x in zip(e["dev_keys"], v[len(_ROW) :]):
+                row[k] = float(x)
+            row.update(e["host"])
+            if tps is not None:
+                row.setdefault("tokens_per_sec", tps)
+                if self.num_flops_per_token and self.peak_flops:
+                    row.setdefault("mfu", 100.0 * self.num_flops_per_token * tps / self.peak_flops)
+            row.update({k: v for k, v in self.static.items() if k not in row})
+            weights = get(e["weights"]) if "weights" in e else None
+            valid = get(e["valid"]) > 0.5 if "valid" in e else None
+            losses = get(e["losses"]) if "losses" in e else None
+            if "prov" in e:
+                idx = e["prov_index"] if e["prov_index"] is not None else range(len(e["prov"]))
+                idx = np.asarray(list(idx), dtype=np.int64)
+                row["domains"] = _domain_stats(e["prov"], idx, weights, valid)
+                if e.get("samples"):
+                    inputs = get(e["inputs"]) if "inputs" in e else None
+                    samples.append(self._samples(e["step"], e["prov"], idx, weights, valid, losses, inputs))
+            self._window.append((row["max_weight"], row["bound_ratio"]))
+            rows.append(row)
+            self._write_tb(row, e, weights, valid, losses)
+        self._write_window(rows[-1]["step"])
+        self._write_jsonl(rows, samples)
+        if self.writer is not None:
+            for s in samples:
+                for which in ("top", "bottom"):
+                    self.writer.add_text(TEXT_TAGS[which], _samples_markdown(s, which), s["step"])
+            self.writer.flush()
+        return rows
+
+    def _write_tb(self, row, e, weights, valid, losses) -> None:
+        wr = self.writer
+        if wr is None:
+            return
+        step = row["step"]
+        for k, x in row.items():
+            if k in SCALAR_TAGS:
+                tag = SCALAR_TAGS[k]
+            elif k in ("step", "b", "domains") or not isinstance(x, (int, float)) or isinstance(x, bool):
+                continue
+            else:
+                tag = _extra_tag(k)
+            wr.add_scalar(tag, float(x), step)
+        for dom, d in (row.get("domains") or {}).items():
+            wr.add_scalar(f"data/mean_weight/{dom}", d["mean_weight"], step)
+            wr.add_scalar(f"data/share/{dom}", d["share"], step)
+            wr.add_scalar(f"data/weight_mass/{dom}", d["weight_mass"], step)
+        if e["hist"] and weights is not None and valid.any():
+            wr.add_histogram(HIST_TAGS["weights"], weights[valid].astype(np.float64), step)
+            wr.add_histogram(HIST_TAGS["losses"], losses[valid].astype(np.float64), step)
+
+    def _write_window(self, step: int) -> None:
+        if self.writer is None or not self._window:
+            return
+        win = np.asarray(self._window, dtype=np.float64)
+        ok = np.isfinite(win).all(axis=1)
+        if ok.any():
+            self.writer.add_histogram(WINDOW_TAGS["max_weight"], win[ok, 0], step)
+            self.writer.add_histogram(WINDOW_TAGS["bound_ratio"], win[ok, 1], step)
+
+    def _write_jsonl(self, rows, samples) -> None:
+        if self._fh is None:
+            self._fh = open(self.metrics_path, "a")
+        for r in rows:
+            self._fh.write(json.dumps(r) + "\n")
+        self._fh.flush()
+        if samples:
+            if self._samples_fh is None:
+                self._samples_fh = open(self.samples_path, "a")
+            for s in samples:
+                self._samples_fh.write(json.dumps(s) + "\n")
+            self._samples_fh.flush()
+
+    def _samples(self, step, prov, idx, weights, valid, losses, inputs) -> dict:
+        k = self.config.top_k
+        ok = np.array([valid[i] and bool(_docs(p)) for i, p in zip(idx, prov)], dtype=bool)
+        cand = np.nonzero(ok)[0]  # provenance rows with a valid sample
+        cw, cl = weights[idx[cand]], losses[idx[cand]]
+        b = int(valid.sum())
+        # ties (LinUpper saturates every h >= 0 at the same weight): the higher loss ranks first
+        top = cand[np.lexsort((-cl, -cw))][:k]
+        bottom = cand[np.lexsort((cl, cw))][:k]
+        ids = {d["doc_id"] for r in np.concatenate([top, bottom]) for d in [_main_doc(prov[r])] if d.get("doc_id")}
+        found = self._lookup.find(ids, {_main_doc(prov[r]).get("shard") for r in np.concatenate([top, bottom])})
+
+        def describe(r):
+            d = _main_doc(prov[r])
+            info = found.get(d.get("doc_id"), {})
+            text = None
+            if inputs is not None and self.decode is not None:
+                try:
+                    text = self.decode([int(t) for t in inputs[r]])
+                except Exception as ex:  # noqa: BLE001 - a snippet must never stop training
+                    text = f"<decode failed: {ex}>"
+            if text is None:
+                text = info.get("text", "")
+            return {
+                "weight": float(weights[idx[r]]),
+                "weight_x_b": float(weights[idx[r]]) * b,
+                "loss": float(losses[idx[r]]),
+                "domain": d.get("domain"),
+                "doc_id": d.get("doc_id"),
+                "url": info.get("url") or d.get("url"),
+                "text": _snippet(text, self.config.snippet_chars),
+            }
+
+        return {
+            "step": int(step),
+            "b": b,
+            "rows_seen": int(len(cand)),
+            "top": [describe(r) for r in top],
+            "bottom": [describe(r) for r in bottom],
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+    def state_dict(self) -> dict[str, Any]:
+        return {"violations_total": self.violations_total, "window": list(self._window)}
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        self.violations_total = int(sd.get("violations_total", 0))
+        self._window.clear()
+        self._window.extend(tuple(x) for x in sd.get("window", []))
+
+    def close(self) -> None:
+        """Flush what is pending and close the files (and the writer if this logger opened it)."""
+        if not self.enabled:
+            return
+        try:
+            self.flush()
+        finally:
+            for fh in (self._fh, self._samples_fh):
+                if fh is not None:
+                    fh.close()
+            self._fh = self._samples_fh = None
+            if self.writer is not None:
+                self.writer.flush()
+                if self._own_writer:
+                    self.writer.close()
+                self.writer = None
+
+
+# ---------------------------------------------------------------------- provenance helpers
+def _docs(p) -> list[dict]:
+    if not p:
+        return []
+    if isinstance(p, Mapping):
+        return [p]
+    return [d for d in p if d]
+
+
+def _main_doc(p) -> dict:
+    """The document with the most tokens in the row (the row may start mid-document)."""
+    docs = _docs(p)
+    if not docs:
+        return {}
+    return max(docs, key=lambda d: d.get("n_tokens", 1))
+
+
+def _domain_stats(prov, idx, weights, valid) -> dict[str, dict[str, float]]:
+    """Per domain over the provenance rows: token share, mean b·w, share of the total weight."""
+    b = max(int(valid.sum()), 1)
+    share: dict[str, float] = collections.defaultdict(float)
+    wsum: dict[str, float] = collections.defaultdict(float)
+    rows = 0
+    total_w = 0.0
+    for i, p in zip(idx, prov):
+        docs = _docs(p)
+        if not docs or not valid[i]:
+            continue
+        rows += 1
+        n = sum(max(d.get("n_tokens", 1), 0) for d in docs) or len(docs)
+        w = float(weights[i])
+        total_w += w
+        for d in docs:
+            frac = (max(d.get("n_tokens", 1), 0) / n) if n else 1.0 / len(docs)
+            dom = str(d.get("domain") or "unknown")
+            share[dom] += frac
+            wsum[dom] += frac * w
+    out = {}
+    for dom in sorted(share):
+        out[dom] = {
+            "share": share[dom] / rows,
+            "mean_weight": wsum[dom] * b / share[dom] if share[dom] else float("nan"),
+            "weight_mass": wsum[dom] / total_w if total_w > 0 else float("nan"),
+        }
+    return out
+
+
+def _snippet(text: str, n: int) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _md_cell(s: Any) -> str:
+    return str("" if s is None else s).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _samples_markdown(s: dict, which: str) -> str:
+    title = "most" if which == "top" else "least"
+    lines = [
+        f"**{len(s[which])} {title} weighted of {s['rows_seen']} samples with provenance (b = {s['b']})**",
+        "",
+        "| # | b·w | loss | domain | doc id | url | text |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, x in enumerate(s[which], 1):
+        lines.append(
+            f"| {i} | {x['weight_x_b']:.3f} | {x['loss']:.3f} | {_md_cell(x['domain'])} | "
+            f"{_md_cell(x['doc_id'])} | {_md_cell(x['url'])} | {_md_cell(x['text'])} |"
+        )
+    return "\n".join(lines)
+
+
+class _DocLookup:
+    """doc id -> {url, text} from FineWeb-schema parquet (filtered reads, small files only)."""
+
+    def __init__(self, paths: Iterable[str], max_mb: float):
+        self.extra = list(paths)
+        self.max_bytes = max_mb * 1e6
+        self.cache: dict[str, dict] = {}
+
+    def _files(self, shards: Iterable[str | None]) -> list[str]:
+        files = []
+        for p in list(self.extra) + [s for s in shards if s]:
+            if os.path.isdir(p):
+                files += sorted(os.path.join(p, f) for f in os.listdir(p) if f.endswith(".parquet"))
+            elif p.endswith(".parquet") and os.path.isfile(p):
+                files.append(p)
+        return list(dict.fromkeys(files))
+
+    def find(self, ids: set[str], shards: Iterable[str | None]) -> dict[str, dict]:
+        missing = {i for i in ids if i not in self.cache}
+        if missing:
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                return {i: self.cache[i] for i in ids if i in self.cache}
+            for f in self._files(shards):
+                if not missing or os.path.getsize(f) > self.max_bytes:
+                    continue
+                try:
+                    names = set(pq.ParquetFile(f).schema_arrow.names)
+                    if "id" not in names:
+                        continue
+                    cols = [c for c in ("id", "url", "text") if c in names]
+                    t = pq.read_table(f, columns=cols, filters=[("id", "in", sorted(missing))])
+                except Exception:  # noqa: BLE001 - lookup is best effort
+                    continue
+                for r in t.to_pylist():
+                    self.cache[r["id"]] = {"url": r.get("url"), "text": (r.get("text") or "")[:4000]}
+                    missing.discard(r["id"])
+        return {i: self.cache[i] for i in ids if i in self.cache}
+
+
+# ---------------------------------------------------------------------- reading back
+def metrics_path(run_dir: str) -> str:
+    return run_dir if os.path.isfile(run_dir) else os.path.join(run_dir, METRICS_FILE)
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """The rows of `<run_dir>/metrics.jsonl` (or a path to the file), sorted by step.
+
+    A step logged twice (a run resumed from an earlier checkpoint) keeps its last row. A truncated
+    last line (a run killed mid-write) is ignored; any other bad line raises with its number."""
+    path = metrics_path(run_dir)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no metrics file (is {run_dir} a titan_rw run folder?)")
+    with open(path) as fh:
+        lines = fh.read().splitlines()
+    by_step: dict[int, dict] = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):
+                break
+            raise ValueError(f"{path}:{n}: not a JSON object ({e})") from None
+        if not isinstance(row, dict) or "step" not in row:
+            raise ValueError(f"{path}:{n}: expected a JSON object with a 'step' field")
+        by_step[int(row["step"])] = row
+    if not by_step:
+        raise ValueError(f"{path}: empty metrics file (no step was logged yet)")
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def read_samples(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, SAMPLES_FILE)
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as fh:
+        for line in fh:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def event_dirs(run_dir: str) -> list[str]:
+    """Directories under run_dir holding TensorBoard event files."""
+    out = []
+    for root, _, files in os.walk(run_dir):
+        if any(f.startswith("events.out.tfevents") for f in files):
+            out.append(root)
+    return sorted(out)
+
+
+def finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
