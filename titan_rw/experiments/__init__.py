@@ -1,0 +1,1 @@
+"""Small, self-contained experiments that reproduce the paper's mechanisms on this machine."""
