@@ -47,9 +47,10 @@ def normalize(losses: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     big = torch.finfo(losses.dtype).max
     f_min = torch.where(valid, losses, big).amin()
     f_max = torch.where(valid, losses, -big).amax()
-    span = f_max - f_min
-    flat = span <= RANGE_EPS  # also true when no sample is valid (span < 0)
-    h = 2.0 * (losses - f_min) / torch.where(flat, 1.0, span) - 1.0
+    # Halves keep f_max - f_min finite for losses near the dtype's max.
+    half_span = f_max / 2 - f_min / 2
+    flat = half_span <= RANGE_EPS / 2  # also true when no sample is valid (span < 0)
+    h = 2.0 * ((losses / 2 - f_min / 2) / torch.where(flat, 1.0, half_span)) - 1.0
     return torch.where(flat | ~valid, 0.0, h)
 
 
@@ -66,25 +67,31 @@ def strategy_scores(h: torch.Tensor, strategy: str) -> torch.Tensor:
     raise ValueError(f"strategy {strategy!r} has no normalized score")
 
 
-def cap_weights(w: torch.Tensor, cap: float, valid: torch.Tensor) -> torch.Tensor:
-    """KL projection of w (summing to 1) onto {w >= 0, sum w = 1, w_i <= cap / b}.
+def cap_weights(log_w: torch.Tensor, cap: float, valid: torch.Tensor) -> torch.Tensor:
+    """KL projection onto {w >= 0, sum w = 1, w_i <= cap / b} of the weights exp(log_w).
 
     The projection has Proposition 1's form w_i = min(lambda w_i, cap / b), lambda >= 1. The
     saturated set is the k largest weights; with them pinned at u = cap / b the rest scale by
     lambda_k = (1 - k u) / (sum of the rest), and the answer is the smallest k whose first
-    unsaturated weight stays under u. One sort and a scan: exact, branch-free, compilable.
+    unsaturated weight stays under u. One sort and a scan, in log space so that weights that
+    underflow in linear space still count: exact, branch-free, compilable.
     """
-    b = valid.sum().clamp(min=1).to(w.dtype)
-    u = cap / b
-    ws, _ = torch.sort(w, descending=True)
-    k = torch.arange(w.numel(), device=w.device, dtype=w.dtype)  # how many are pinned at u
-    rest = ws.flip(0).cumsum(0).flip(0)  # rest[k] = ws[k] + ws[k+1] + ...
-    lam = (1.0 - k * u) / rest.clamp(min=torch.finfo(w.dtype).tiny)
-    fits = (lam * ws <= u) & (1.0 - k * u > 0)
-    # First k that fits; if none does (fewer than b / cap non-zero weights), pin all of them.
-    first = torch.where(fits.any(), fits.to(torch.int8).argmax(), w.numel() - 1)
-    capped = torch.minimum(lam.gather(0, first.reshape(1)) * w, u)
-    return capped / capped.sum().clamp(min=torch.finfo(w.dtype).tiny)
+    n = log_w.numel()
+    n_valid = valid.sum()
+    b = n_valid.clamp(min=1).to(log_w.dtype)
+    log_u = math.log(cap) - torch.log(b)
+    lws, _ = torch.sort(log_w, descending=True)  # invalid (-inf) last
+    k = torch.arange(n, device=log_w.device)
+    log_rest = torch.logcumsumexp(lws.flip(0), 0).flip(0)  # log(w_(k) + w_(k+1) + ...)
+    pinned_left = 1.0 - k.to(log_w.dtype) * torch.exp(log_u)  # mass left for the unpinned
+    log_left = torch.log(pinned_left.clamp(min=torch.finfo(log_w.dtype).tiny))
+    # lambda_k w_(k) <= u, written with differences of logs so huge |log w| keep their precision
+    fits = (log_left + (lws - log_rest) <= log_u + 1e-6) & (pinned_left > 0) & (k < n_valid)
+    # First k that fits; k = b - 1 always does up to rounding (then every weight is u = 1/b).
+    first = torch.where(fits.any(), fits.to(torch.int8).argmax(), (n_valid - 1).clamp(min=0)).reshape(1)
+    log_wi = log_left.gather(0, first) + (log_w - log_rest.gather(0, first))  # log(lambda w_i)
+    w = torch.where(valid, torch.exp(torch.minimum(log_wi, log_u)), 0.0)
+    return w / w.sum().clamp(min=torch.finfo(w.dtype).tiny)
 
 
 def sample_weights(
@@ -113,6 +120,8 @@ def sample_weights(
         )
 
     f = losses.detach().float()
+    if f.numel() == 0:
+        return f
     ok = torch.isfinite(f)
     if valid is not None:
         ok = ok & valid.to(device=f.device, dtype=torch.bool)
@@ -126,12 +135,11 @@ def sample_weights(
     # Eq. (4), stable: subtract the max valid score before exp.
     z = torch.where(ok, s / temperature, -torch.inf)
     z = z - torch.where(ok, z, -torch.finfo(z.dtype).max).amax()
+    if cap is not None:  # Proposition 1: w_i = min(lambda e^{z_i}, cap / b)
+        log_w = z - torch.logsumexp(torch.where(ok, z, -torch.inf), 0)
+        return cap_weights(torch.where(ok, log_w, -torch.inf), float(cap), ok)
     e = torch.where(ok, torch.exp(z), 0.0)
-    w = e / e.sum().clamp(min=torch.finfo(e.dtype).tiny)
-
-    if cap is not None:
-        w = torch.where(ok, cap_weights(w, float(cap), ok), 0.0)
-    return w
+    return e / e.sum().clamp(min=torch.finfo(e.dtype).tiny)
 
 
 @dataclass
