@@ -3,6 +3,8 @@
     titan-rw train --config train_configs/debug_cpu.toml [--nproc N] [--section.key value ...]
     titan-rw tokenizer train ...      train a sentencepiece model on parquet text
     titan-rw tokenize ...             FineWeb parquet -> datatrove token shards
+    titan-rw report RUN_DIR [RUN_DIR ...]   Figure 6 and loss curves as PNG + summary.md
+    titan-rw eval RUN_DIR --tasks ...  lm-evaluation-harness on a checkpoint
     titan-rw weights ...              show the paper's weights for a batch of losses
     titan-rw experiment toy-regression ...
 
@@ -20,6 +22,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("titan_rw.train", "train_main", "train a Llama with reweighting (torchrun under the hood)"),
     "tokenize": ("titan_rw.data.cli", "tokenize_main", "tokenize parquet text into datatrove token shards"),
+    "report": ("titan_rw.report", "report_main", "Figure 6, max weight vs 2/b, loss curves, summary of runs"),
+    "eval": ("titan_rw.eval.cli", "eval_main", "evaluate a run or checkpoint with lm-evaluation-harness"),
     "weights": ("titan_rw.cli", "weights_main", "print the paper's weights for given losses"),
 }
 SUBGROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
