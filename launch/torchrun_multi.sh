@@ -8,7 +8,6 @@
 #   NNODES (required)       number of nodes;  NODE_RANK (required) this node's index, 0..NNODES-1
 #   MASTER_PORT             rendezvous port on node 0 (default 29500)
 #   NPROC_PER_NODE          ranks per node (default: GPUs on this node, else 1)
-#   RDZV_ID                 run identifier shared by all nodes (default titan_rw)
 #   VENV, TRAIN_SCRIPT      as in torchrun_single.sh
 # The run folder (--job.dump_folder / the config's) must be on storage all nodes share, so that
 # DCP checkpoints are complete and a restart of all nodes resumes from them.
@@ -31,13 +30,12 @@ entry=(-m titan_rw.train)
 if [ -n "${TRAIN_SCRIPT:-}" ]; then entry=("$TRAIN_SCRIPT"); fi
 export PYTHONUNBUFFERED=1
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-# c10d rendezvous: node 0's agent hosts the store at MASTER_ADDR:MASTER_PORT. NODE_RANK only
-# orders the nodes (rank r's ranks are r*NPROC_PER_NODE ...); without it torchrun assigns them.
+# Static rendezvous (torchrun's default when no --rdzv-backend is given): node NODE_RANK's ranks
+# are NODE_RANK*NPROC_PER_NODE ... (c10d, which slurm/common.sh uses, would ignore NODE_RANK);
+# node 0 hosts the store at MASTER_ADDR:MASTER_PORT and every node must start.
 exec python -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
-  --node-rank="$NODE_RANK" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" \
-  --rdzv-id="${RDZV_ID:-titan_rw}" \
+  --node-rank="$NODE_RANK" --master-addr="$MASTER_ADDR" --master-port="${MASTER_PORT:-29500}" \
   --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="${SHUTDOWN_TIMEOUT:-120}" \
   "${entry[@]}" --config "$config" "$@"

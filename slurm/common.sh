@@ -77,17 +77,20 @@ titan_rw_launch() {
   trap '_titan_rw_on_term TERM' TERM
   trap '_titan_rw_on_term INT' INT
 
+  # every rank's stdout/stderr: $logdir/<node>/<rdzv id>_*/attempt_N/<local rank>/; the job log
+  # shows local rank 0 of each node.
+  # shellcheck disable=SC2016  # $0, $SLURMD_NODENAME, $@ expand in each node's task
   # srun: one task per node with all the job's CPUs (Slurm 22.05+ does not pass the batch
   # --cpus-per-task to srun: without it torchrun and every rank would share one core).
   srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 \
     --cpus-per-task="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}" --kill-on-bad-exit=1 \
-    python -m torch.distributed.run \
+    bash -c 'exec python -m torch.distributed.run --log-dir="$0/$SLURMD_NODENAME" "$@"' "$logdir" \
     --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
     --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
     --max-restarts="${MAX_RESTARTS:-0}" \
     --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
     --shutdown-timeout="${SHUTDOWN_TIMEOUT:-120}" \
-    --log-dir="$logdir" --tee=3 --local-ranks-filter=0 \
+    --tee=3 --local-ranks-filter=0 \
     "${entry[@]}" --config "$config" --job.dump_folder "$RUN_DIR" "$@" &
   _TITAN_RW_SRUN=$!
 
@@ -120,18 +123,20 @@ _titan_rw_on_term() {
 titan_rw_gpu_env() {
   # Errors and warnings only; set NCCL_DEBUG=INFO (and NCCL_DEBUG_SUBSYS=INIT,NET) to debug hangs.
   export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-  # Abort the communicator on a timeout or an async NCCL error, instead of hanging forever.
-  export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-  # On a collective timeout, dump the flight recorder (what every rank was doing).
-  export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}
-  export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
-  export TORCH_FR_DUMP_TEMP_FILE=${TORCH_FR_DUMP_TEMP_FILE:-$RUN_DIR/logs/nccl_trace_rank_}
+  # Not set here because TorchTitan sets them itself at init (and warns when they differ):
+  # TORCH_NCCL_ASYNC_ERROR_HANDLING=3 (abort on a timeout without cleanup, so the flight
+  # recorder can dump), TORCH_FR_BUFFER_SIZE / TORCH_NCCL_DUMP_ON_TIMEOUT=1 / TORCH_FR_DUMP_TEMP_FILE
+  # under <run>/comm_traces: on a collective timeout every rank dumps what it was doing there.
+  # Tune them with --comm.trace_buf_size / --comm.save_traces_folder / --comm.train_timeout_seconds
+  # (default 100 s from step 2 on; --comm.init_timeout_seconds, 300 s, until then).
   # FSDP2 frees memory without record_stream (TorchTitan's recommendation).
   export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
   # Fewer OOMs from fragmentation with FSDP's varying all-gather sizes.
   export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
   # Data-loader/CPU threads per rank: the node's CPUs split across its ranks.
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-8} / ${NPROC_PER_NODE:-1} > 0 ? ${SLURM_CPUS_PER_TASK:-8} / ${NPROC_PER_NODE:-1} : 1 ))}
+  local cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-8}}
+  local per_rank=$((cpus / ${NPROC_PER_NODE:-1}))
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((per_rank > 0 ? per_rank : 1))}
   # Cluster-specific (leave unset unless NCCL picks the wrong network):
   #   NCCL_SOCKET_IFNAME=ib0 (or the IPoIB / ethernet interface between nodes; '^lo,docker' to exclude)
   #   NCCL_IB_HCA=mlx5      InfiniBand adapters to use; NCCL_IB_DISABLE=1 forces TCP (slow).

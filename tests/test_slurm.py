@@ -43,7 +43,8 @@ def _slurm_missing() -> str | None:
     except (subprocess.TimeoutExpired, OSError) as e:
         return f"Slurm does not answer ({e}); start it with `sudo bash launch/slurm_local.sh`"
     if "UP" not in ping.stdout:
-        return f"slurmctld is not running ({(ping.stdout + ping.stderr).strip()!r}); start it with `sudo bash launch/slurm_local.sh`"
+        said = ((ping.stdout + ping.stderr).strip().splitlines() or ["no answer"])[0]
+        return f"slurmctld is not running ({said}); start it with `sudo bash launch/slurm_local.sh`"
     states = {s.strip("*~#!%$@^-") for s in nodes.stdout.split()}
     if not states & {"idle", "mix", "alloc", "comp"}:
         return f"no usable Slurm node (states {sorted(states) or 'none'}); start slurmd with `sudo bash launch/slurm_local.sh`"
@@ -178,7 +179,7 @@ def test_sbatch_debug_cpu_completes_with_metrics_and_checkpoint(tmp_path):
 def test_scontrol_requeue_resumes_from_checkpoint(tmp_path):
     _need_slurm()
     run = tmp_path / "run"
-    steps, interval = 40, 3
+    steps, interval = 20, 3
     _, job = _sbatch(tmp_path, run, steps=steps, interval=interval, wait=False)
     try:
         # 1. running, with a complete checkpoint and a step logged past it
@@ -187,7 +188,7 @@ def test_scontrol_requeue_resumes_from_checkpoint(tmp_path):
             state = _job(job).get("JobState")
             assert state in ("PENDING", "CONFIGURING", "RUNNING"), (state, _log(tmp_path, job))
             assert time.time() < deadline, f"no checkpoint after 300 s\n{_log(tmp_path, job)}"
-            time.sleep(1)
+            time.sleep(0.3)
         assert max(_steps(run)) < steps, "the job finished before it could be requeued: raise steps"
 
         # 2. requeue: Slurm stops it (SIGTERM, SIGKILL after KillWait) and queues it again
@@ -221,3 +222,60 @@ def test_scontrol_requeue_resumes_from_checkpoint(tmp_path):
         assert "restart 1 on 1 node(s)" in log and f"newest checkpoint: step-{ckpt}" in log, log
     finally:
         _cancel(job)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_usr1_before_time_limit_checkpoints_and_requeues_itself(tmp_path):
+    """`#SBATCH --signal=B:USR1@N` sends USR1 to the batch shell N s before the time limit;
+    `scancel --batch --signal=USR1` does the same now. The script forwards it through srun and
+    torchrun to the ranks, waits, and requeues the job. Uses the stand-in, which implements the
+    save-on-signal protocol, so the checkpoint is at the very step the signal stopped it."""
+    _need_slurm()
+    run = tmp_path / "run"
+    steps = 20
+    name = f"titan-rw-test-{uuid.uuid4().hex[:8]}"
+    r = _sh("sbatch", "--parsable", f"--job-name={name}", f"--output={tmp_path}/slurm-%j.out",
+            f"--export=ALL,RUN_DIR={run},TRAIN_SCRIPT=tests/slurm_standin_train.py", "--time=00:10:00",
+            "slurm/debug_cpu.sh", "--training.steps", str(steps), "--checkpoint.interval", "100",
+            "--standin.step_seconds", "0.2")
+    job = r.stdout.strip().split(";")[0]
+    assert job.isdigit(), r
+    try:
+        deadline = time.time() + 120
+        while len(_steps(run)) < 3:
+            assert time.time() < deadline, _log(tmp_path, job)
+            time.sleep(0.5)
+        assert _sh("scancel", "--batch", "--signal=USR1", job).returncode == 0
+        deadline = time.time() + 240
+        while (state := _job(job).get("JobState")) != "COMPLETED":
+            assert state not in ("FAILED", "CANCELLED", "TIMEOUT"), (state, _log(tmp_path, job))
+            assert time.time() < deadline, _log(tmp_path, job)
+            time.sleep(1)
+        log = _log(tmp_path, job)
+        assert _job(job).get("Restarts") == "1", log
+        assert "USR1: asking the trainer to checkpoint" in log and "requeueing job" in log, log
+        m = re.search(r"restart 1 .*\n.*newest checkpoint: step-(\d+)", log)
+        assert m, log
+        k = int(m.group(1))
+        assert 3 <= k < steps, log  # saved on the signal, not at an interval (100)
+        assert _steps(run) == list(range(1, steps + 1)), _steps(run)  # no step lost, none repeated
+    finally:
+        _cancel(job)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_torchrun_multi_two_nodes_on_localhost(tmp_path):
+    """launch/torchrun_multi.sh: two 'nodes' (two torchrun agents) with the static rendezvous."""
+    run = tmp_path / "run"
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29400 + os.getpid() % 500), NNODES="2",
+               NPROC_PER_NODE="1", TRAIN_SCRIPT="tests/slurm_standin_train.py")
+    args = ["bash", "launch/torchrun_multi.sh", "--job.dump_folder", str(run), "--training.steps", "3",
+            "--standin.step_seconds", "0"]
+    procs = [subprocess.Popen(args, cwd=ROOT, env=dict(env, NODE_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (1, 0)]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "world 2 resume from step 0" in outs[1], outs  # global rank 0 is on NODE_RANK=0
+    assert _steps(run) == [1, 2, 3] and _checkpoints(run) == [3]
