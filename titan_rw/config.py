@@ -84,9 +84,19 @@ class DataSection:
     loader: Literal["auto", "tokens", "synthetic"] = "auto"
     """auto: the token-shard loader (titan_rw.data) when available, else synthetic."""
     dataset_path: str | None = None
-    """Token shards (local or fsspec); unset: the loader's embedded default corpus."""
+    """Token shards or parquet (local or fsspec); unset: the loader's embedded default corpus."""
+    datasets: list[str] = dataclasses.field(default_factory=list)
+    """A static mixture: several dataset paths (overrides dataset_path) ..."""
+    weights: list[float] = dataclasses.field(default_factory=list)
+    """... and their weights (> 0, normalized; empty = equal), e.g. DoReMi/DoGE domain weights."""
+    format: Literal["auto", "shards", "parquet"] = "auto"
+    """auto: datatrove .ds shards when found, else parquet tokenized on the fly."""
+    shuffle: bool = True
+    """A new row permutation every epoch (seeded)."""
+    check_tokenizer: bool = True
+    """Refuse shards whose metadata names another tokenizer."""
     tokenizer: str | None = None
-    """sentencepiece .model; unset: the shipped default."""
+    """sentencepiece .model (or a folder with tokenizer.model); unset: the shipped default."""
     num_workers: int = 0
     seed: int = 0
 
@@ -353,7 +363,8 @@ def _data_configs(values) -> tuple[Any, Any, str]:
 
         fields = {f.name for f in dataclasses.fields(TokenDataLoader.Config)}
         wanted = {"num_workers": d.num_workers, "seed": d.seed, "dataset_path": d.dataset_path,
-                  "tokenizer_path": d.tokenizer}
+                  "tokenizer_path": d.tokenizer, "datasets": list(d.datasets), "weights": list(d.weights),
+                  "format": d.format, "shuffle": d.shuffle, "check_tokenizer": d.check_tokenizer}
         kw = {k: v for k, v in wanted.items() if k in fields and v is not None}
         return SentencePieceTokenizer.Config(), TokenDataLoader.Config(**kw), str(d.tokenizer or DEFAULT_TOKENIZER)
     from titan_rw.synthetic import ByteTokenizer, SyntheticDataLoader
