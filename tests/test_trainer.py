@@ -63,8 +63,9 @@ def test_two_rank_gradients_equal_single_process_reference(tmp_path):
 
 
 def test_debug_cpu_two_ranks_one_rank_same_losses_checkpoint_resume(tmp_path):
+    # the real token loader (shipped corpus): its state is world-size free
     common = ["--config", "train_configs/debug_cpu.toml", "--training.steps", "4", "--reweight.log_interval", "2",
-              "--data.loader", "synthetic", "--reweight.warmup_steps", "1", "--lr_scheduler.warmup_steps", "2"]
+              "--reweight.warmup_steps", "1", "--lr_scheduler.warmup_steps", "2"]
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
     _run(_torchrun(2, "-m", "titan_rw.train", *common, "--job.dump_folder", two), tmp_path)
     _run([sys.executable, "-m", "titan_rw.train", *common, "--job.dump_folder", one, "--checkpoint.enable", "false"], tmp_path)
@@ -78,6 +79,11 @@ def test_debug_cpu_two_ranks_one_rank_same_losses_checkpoint_resume(tmp_path):
         assert a["weighted_loss"] == pytest.approx(b["weighted_loss"], rel=1e-4)
         assert a["max_weight"] == pytest.approx(b["max_weight"], rel=1e-3)
     assert os.path.isdir(os.path.join(two, "checkpoint", "step-4"))
+    with open(os.path.join(two, "config.json")) as f:
+        saved = json.load(f)
+    assert saved["model"]["flavor"] == "debug" and saved["data"]["tokenizer"].endswith("tokenizer.model")
+    assert os.path.isfile(os.path.join(two, "run_config.toml"))
+    assert {"nonfinite_samples", "domains"} <= set(m2[0]) and m2[0]["nonfinite_samples"] == 0
     assert any(f.startswith("events") for _, _, fs in os.walk(os.path.join(two, "tb")) for f in fs)
     # resume from the step-4 checkpoint for 2 more steps: continues at step 5
     _run(_torchrun(2, "-m", "titan_rw.train", *common[:-2], "--lr_scheduler.warmup_steps", "2",

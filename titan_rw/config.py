@@ -421,8 +421,24 @@ def build(values: dict, source: str = "config", world_size: int | None = None) -
         loss=CrossEntropyLoss.Config(global_vocab_size=models.flavor(m.flavor).vocab_size),
         reweight=rw,
         portable_init=job.portable_init,
+        run_values=resolved(values),
     )
     return cfg
+
+
+def resolved(values: dict) -> dict[str, dict[str, Any]]:
+    """Every section with every settable key (defaults filled in), the tokenizer path resolved:
+    what the trainer saves as <dump_folder>/config.json and run_config.toml."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in SECTIONS:
+        sec = _section(values, name)
+        out[name] = {k: getattr(sec, k) for k in section_fields(name)}
+    data = out["data"]
+    if data.get("tokenizer") is None and data.get("loader") != "synthetic" and data_loader_available():
+        from titan_rw.data import DEFAULT_TOKENIZER
+
+        data["tokenizer"] = str(DEFAULT_TOKENIZER)
+    return out
 
 
 def from_args(path: str | None, overrides: list[str] | tuple[str, ...] = (), world_size: int | None = None):

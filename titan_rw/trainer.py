@@ -11,8 +11,11 @@ MetricsProcessor's TensorBoard writer. The step (Algorithm 1):
    mesh only, computes the weights of the whole group, keeps this rank's slice by its DP-mesh
    rank and returns  Σ_local w_i f_i ; FSDP sums gradients across DP ranks (divide factor 1),
    so the step's gradient is exactly  Σ_global w_i ∇f_i ;
-3. statistics stay on device; they are read to the host once per `log_interval` steps, when
-   the buffered rows are written to `<dump_folder>/metrics.jsonl` (rank 0) and TensorBoard.
+3. statistics stay on device; `titan_rw.observability.RunLogger` reads them to the host once per
+   `log_interval` steps and writes `<dump_folder>/metrics.jsonl`, samples.jsonl and TensorBoard
+   (rank 0), with the loader's provenance of rank 0's rows; `titan_rw.progress.Progress` prints
+   the console line. The resolved config is saved as `<dump_folder>/config.json` and
+   `run_config.toml` at start.
 
 Gradient accumulation (k micro-batches per optimizer step):
 - scope "microbatch" (default, the paper's behaviour): each micro-batch is its own group of
@@ -31,9 +34,7 @@ from __future__ import annotations
 import titan_rw  # noqa: F401  (compat patches before torchtitan)
 
 import json
-import math
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal
 
@@ -45,6 +46,8 @@ from torchtitan.trainer import Trainer
 
 from titan_rw import compat
 from titan_rw.loss import IGNORE_INDEX, gather_losses, per_sample_loss, reweighted_loss
+from titan_rw.observability import RunLogger, tb_writer_of
+from titan_rw.progress import Progress
 from titan_rw.reweight import STRATEGIES, TemperatureSchedule, sample_weights
 
 
@@ -68,6 +71,15 @@ class ReweightConfig:
     """Reweighting group under gradient accumulation (see module docstring for the cost)."""
     log_interval: int = 10
     """Steps between host reads of the on-device statistics (metrics.jsonl, TensorBoard, console)."""
+    histogram_interval: int = 50
+    """TensorBoard histograms of the weights and per-sample losses every N steps (and step 1)."""
+    samples_interval: int = 100
+    """The top_k most / least weighted samples (text, doc id, URL) to TensorBoard and samples.jsonl
+    every N steps (and step 1)."""
+    top_k: int = 3
+    """Samples per table (0: none)."""
+    max_weight_window: int = 1000
+    """Steps in the windowed distribution of the per-step max weight (weights/max_window)."""
     loss_chunks: int = 8
     """Chunks of the output projection in the per-sample loss (memory vs launch overhead)."""
     metrics_file: str = "metrics.jsonl"
@@ -78,8 +90,11 @@ class ReweightConfig:
             raise ValueError(f"unknown reweighting strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
         if self.cap is not None and not self.cap >= 1:
             raise ValueError(f"reweight.cap must be >= 1 (or unset), got {self.cap}")
-        if self.log_interval < 1 or self.loss_chunks < 1:
-            raise ValueError("reweight.log_interval and reweight.loss_chunks must be >= 1")
+        for name in ("log_interval", "loss_chunks", "histogram_interval", "samples_interval", "max_weight_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"reweight.{name} must be >= 1, got {getattr(self, name)}")
+        if self.top_k < 0:
+            raise ValueError(f"reweight.top_k must be >= 0, got {self.top_k}")
         self.schedule()  # validates temperatures / anneal
 
     def schedule(self) -> TemperatureSchedule:
@@ -92,10 +107,6 @@ class ReweightConfig:
         )
 
 
-# Column order of the per-step on-device stats vector.
-_COLS = ("loss", "weighted_loss", "max_weight", "b", "bound_ratio", "ess", "weight_entropy", "grad_norm")
-
-
 class ReweightTrainer(Trainer):
     @dataclass(kw_only=True, slots=True)
     class Config(Trainer.Config):
@@ -104,6 +115,9 @@ class ReweightTrainer(Trainer):
         """Initialize the weights on rank 0 as one full model (seed `debug.seed`) and broadcast
         them, so that the initial weights do not depend on the world size or the sharding
         (DTensor's sharded RNG does). Rank 0 holds one full fp32 copy on CPU for a moment."""
+        run_values: dict = field(default_factory=dict)
+        """The resolved run config {section: {key: value}} (titan_rw.config), saved by rank 0 to
+        <dump_folder>/config.json and run_config.toml."""
 
     def __init__(self, config: Config):
         compat.log_applied(logger)
@@ -137,14 +151,34 @@ class ReweightTrainer(Trainer):
             self._weighted = torch.compile(reweighted_loss, backend=config.compile.backend)
 
         self._groups: list[Any] = []  # WeightStats of the current step's groups
-        self._rows: list[torch.Tensor] = []  # per-step device stats, flushed at the interval
-        self._row_meta: list[tuple[int, float, float]] = []  # (step, lr, temperature): host values
-        self._last_flush = (time.perf_counter(), 0)  # (time, step)
+        self._temperature_value: float | None = None  # host copy of self._temperature_t
         self._is_rank0 = (not torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
-        self.metrics_path = os.path.join(config.dump_folder, rw.metrics_file)
-        self._metrics_fh = None
         if self._is_rank0:
             os.makedirs(config.dump_folder, exist_ok=True)
+            self._save_run_config()
+        mp = self.metrics_processor
+        self.run_logger = RunLogger.Config(
+            enable_tensorboard=config.metrics.enable_tensorboard,
+            metrics_file=rw.metrics_file,
+            log_interval=rw.log_interval,
+            histogram_interval=rw.histogram_interval,
+            samples_interval=rw.samples_interval,
+            top_k=rw.top_k,
+            max_weight_window=rw.max_weight_window,
+        ).build(
+            config.dump_folder,
+            rank=torch.distributed.get_rank() if torch.distributed.is_initialized() else 0,
+            writer=tb_writer_of(mp),
+            static={"strategy": rw.strategy},
+            total_steps=config.training.steps,
+            num_flops_per_token=mp.num_flops_per_token,
+            peak_flops=getattr(mp, "gpu_peak_flops", None),
+            decode=getattr(self.tokenizer, "decode", None),
+        )
+        self.metrics_path = self.run_logger.metrics_path
+        self.progress = Progress(config.training.steps)
+        # provenance of rank 0's rows (only rank 0 writes metrics / samples)
+        self._want_provenance = self._is_rank0 and hasattr(self.dataloader, "last_provenance")
         from titan_rw.models import FLAVORS, describe
 
         if config.model_spec is not None and config.model_spec.flavor in FLAVORS:
@@ -256,22 +290,37 @@ class ReweightTrainer(Trainer):
         )
 
     # ------------------------------------------------------------------ the optimizer step
+    def _set_temperature(self, temperature: float) -> None:
+        """The step's temperature as a device scalar; a new tensor (a host→device copy) only when
+        the value changes (after warm-up: never, for the constant schedule)."""
+        if temperature != self._temperature_value:
+            self._temperature_t = torch.tensor(temperature, dtype=torch.float32, device=self.device)
+            self._temperature_value = temperature
+
     def train_step(self, data_iterator: Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]):
         self.optimizers.zero_grad(set_to_none=True)
         lr = next(iter(self.lr_schedulers.get_metrics().values()), float("nan"))
         temperature = self.temperature_schedule(self.step)
-        self._temperature_t = torch.tensor(temperature, dtype=torch.float32, device=self.device)
+        self._set_temperature(temperature)
         self._groups = []
         self._fixed_weights = None
 
         microbatches = []
+        provenance: list | None = [] if self._want_provenance else None
         local_valid_tokens = torch.tensor(0, dtype=torch.int64)
         for _ in range(self.gradient_accumulation_steps):
             input_dict, labels = next(data_iterator)
+            if provenance is not None:  # the loader's rows of the batch just served (host lists)
+                provenance.extend(self.dataloader.last_provenance)
             local_valid_tokens += (labels != IGNORE_INDEX).sum()
             input_dict = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in input_dict.items()}
             microbatches.append((input_dict, labels.to(self.device)))
         global_valid_tokens = local_valid_tokens.to(self.device)  # unused by the reweighted body
+        sample_inputs = None
+        if provenance is not None and self.run_logger.config.top_k > 0 and (
+            self.step == 1 or self.step % self.rw.samples_interval == 0
+        ):
+            sample_inputs = torch.cat([mb[0]["input"] for mb in microbatches])
 
         if self.rw.scope == "global_batch" and self.gradient_accumulation_steps > 1:
             self._global_batch_weights(microbatches)
@@ -291,137 +340,89 @@ class ReweightTrainer(Trainer):
         self.optimizers.step()
         self.lr_schedulers.step()
 
-        self._record(grad_norm, lr, temperature)
-        if self._should_flush():
-            self._flush()
+        self._record(grad_norm, lr, temperature, provenance, sample_inputs)
 
     # ------------------------------------------------------------------ statistics
-    def _record(self, grad_norm: torch.Tensor, lr: float, temperature: float) -> None:
-        """Reduce this step's group stats to one small device vector (no host sync)."""
+    def _provenance_index(self, n_rows: int) -> list[int] | None:
+        """Position of each of this rank's rows in the step's groups concatenated (RunLogger's
+        `provenance_index`): micro-batch j, row r -> j*b + r + dp_rank*b_local, b = the group's size."""
+        k, b_l = self.gradient_accumulation_steps, self.config.training.local_batch_size
+        if k == 1 and self.dp_rank == 0:
+            return None
+        b = self.group_b  # both scopes: micro-batch j's rows sit at [j*b, (j+1)*b), DP rank order
+        return [j * b + self.dp_rank * b_l + r for j in range(k) for r in range(b_l)][:n_rows]
+
+    def _record(self, grad_norm, lr, temperature, provenance, sample_inputs) -> None:
+        """Hand the step to the RunLogger (device ops only; no host sync)."""
         g = self._groups
-        mean = lambda xs: torch.stack(xs).float().mean()  # noqa: E731
-        max_w = torch.stack([s.max_weight for s in g]).float()
-        b = torch.stack([s.b for s in g]).float()
-        ess = mean([1.0 / (s.weights.float() ** 2).sum().clamp(min=1e-30) for s in g])
-        ent = mean([-(torch.where(s.weights > 0, s.weights * s.weights.clamp(min=1e-30).log(), 0.0)).sum() for s in g])
-        row = torch.stack([
-            mean([s.mean_loss for s in g]),
-            mean([s.weighted_loss for s in g]),
-            max_w.max(),
-            b.max(),
-            (max_w * b / 2).max(),
-            ess,
-            ent,
-            grad_norm.detach().float().reshape(()),
-        ])
-        self._rows.append(row)
-        self._row_meta.append((self.step, lr, temperature))
-        self.last_weight_stats = g  # for observability hooks (device tensors)
+        self.last_weight_stats = g  # for observability hooks and tests (device tensors)
+        extra: dict[str, Any] = {"lr": lr, "grad_norm": grad_norm.detach()}
+        extra.update(self._fault_metrics())
+        self.run_logger.record(
+            self.step,
+            g,
+            temperature=temperature,
+            provenance=provenance,
+            provenance_index=self._provenance_index(len(provenance)) if provenance is not None else None,
+            inputs=sample_inputs,
+            ntokens=self.tokens_per_step // self.dp_size,
+            extra=extra,
+        )
+        if self.run_logger.should_flush(self.step):
+            self._flush()
 
-    def _should_flush(self) -> bool:
-        return self.step % self.rw.log_interval == 0 or self.step == 1 or self.step >= self.config.training.steps
+    def _fault_metrics(self) -> dict[str, Any]:
+        """Per-step fault counters (device tensors) merged into the metrics row."""
+        return {"nonfinite_samples": sum(((~torch.isfinite(s.losses)).sum() for s in self._groups),
+                                         torch.zeros((), dtype=torch.int64, device=self.device))}
 
-    def _flush(self) -> None:
-        if not self._rows:
-            return
-        values = torch.stack(self._rows).tolist()  # the one device→host read of the interval
-        now = time.perf_counter()
-        t0, s0 = self._last_flush
-        steps = max(self.step - s0, 1)
-        dt = max(now - t0, 1e-9)
-        tokens_per_sec = self.tokens_per_step * steps / dt
-        rows = []
-        for (step, lr, temperature), v in zip(self._row_meta, values):
-            d = dict(zip(_COLS, v))
-            d["b"] = int(d["b"])
-            rows.append({
-                "step": step,
-                "loss": d["loss"],
-                "weighted_loss": d["weighted_loss"],
-                "max_weight": d["max_weight"],
-                "max_weight_bound": 2.0 / d["b"] if d["b"] else float("nan"),
-                "bound_ratio": d["bound_ratio"],
-                "b": d["b"],
-                "ess": d["ess"],
-                "weight_entropy": d["weight_entropy"],
-                "temperature": temperature,
-                "lr": lr,
-                "grad_norm": d["grad_norm"],
-                "tokens_per_sec": tokens_per_sec,
-                "strategy": self.rw.strategy,
-            })
-        self._rows, self._row_meta = [], []
-        self._last_flush = (now, self.step)
-        last = rows[-1]
-        if not math.isfinite(last["loss"]):
-            raise RuntimeError(f"Loss is not finite ({last['loss']}) at step {last['step']}. Stopping training.")
-        total = self.config.training.steps
-        eta = (total - self.step) * dt / steps
-        if self._is_rank0:
-            logger.info(
-                f"step {self.step}/{total}  loss {last['loss']:.4f}  wloss {last['weighted_loss']:.4f}  "
-                f"max_w {last['max_weight']:.4g} vs 2/b {last['max_weight_bound']:.4g}  r {last['temperature']:g}  "
-                f"gnorm {last['grad_norm']:.3f}  lr {last['lr']:.3g}  tok/s {tokens_per_sec:,.0f}  "
-                f"eta {_fmt_secs(eta)}"
-            )
-        if self._is_rank0:
-            if self._metrics_fh is None:
-                self._metrics_fh = open(self.metrics_path, "a")
-            for r in rows:
-                self._metrics_fh.write(json.dumps(r) + "\n")
-            self._metrics_fh.flush()
-        self._log_tensorboard(rows)
-
-    def _log_tensorboard(self, rows: list[dict]) -> None:
-        mp = self.metrics_processor
-        for r in rows:
-            mp.logger.log(
-                {
-                    "loss/unweighted": r["loss"],
-                    "loss/weighted": r["weighted_loss"],
-                    "weights/temperature": r["temperature"],
-                    "weights/max": r["max_weight"],
-                    "weights/ess": r["ess"],
-                    "weights/entropy": r["weight_entropy"],
-                    "bound/two_over_b": r["max_weight_bound"],
-                    "bound/ratio": r["bound_ratio"],
-                    "bound/violation": float(r["bound_ratio"] > 1.0 + 1e-6),
-                    "perf/tokens_per_sec": r["tokens_per_sec"],
-                    "perf/grad_norm": r["grad_norm"],
-                    "perf/lr": r["lr"],
-                },
-                r["step"],
-            )
-        mp.ntokens_since_last_log = 0
-        mp.data_loading_times.clear()
-        mp.time_last_log = time.perf_counter()
+    def _flush(self) -> list[dict]:
+        rows = self.run_logger.flush(self.step)  # the one device->host read of the interval
+        if rows and self._is_rank0:
+            logger.info(self.progress.row_line(rows[-1]))
+        return rows
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         sd = Trainer.state_dict(self)
         sd["temperature_last_step"] = self.temperature_schedule.last_step if hasattr(self, "temperature_schedule") else 0
+        if hasattr(self, "run_logger"):
+            sd["run_logger"] = self.run_logger.state_dict()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         Trainer.load_state_dict(self, state_dict)
         if "temperature_last_step" in state_dict and hasattr(self, "temperature_schedule"):
             self.temperature_schedule.last_step = int(state_dict["temperature_last_step"])
-        self._last_flush = (time.perf_counter(), self.step)
+        if "run_logger" in state_dict and hasattr(self, "run_logger"):
+            self.run_logger.load_state_dict(state_dict["run_logger"])
+        if hasattr(self, "progress"):
+            self.progress = Progress(self.config.training.steps, start=self.step)
 
     def close(self) -> None:
-        try:
-            if hasattr(self, "_rows"):
-                self._flush()
-        except Exception as e:  # noqa: BLE001  closing must not mask the original error
-            logger.warning(f"titan_rw: could not flush the last metrics: {e}")
-        if getattr(self, "_metrics_fh", None) is not None:
-            self._metrics_fh.close()
-            self._metrics_fh = None
+        if getattr(self, "run_logger", None) is not None:
+            try:
+                self.run_logger.close()  # flushes what is pending
+            except Exception as e:  # noqa: BLE001  closing must not mask the original error
+                logger.warning(f"titan_rw: could not flush the last metrics: {e}")
+            self.run_logger = None
         super().close()
 
+    # ------------------------------------------------------------------ run config
+    def _save_run_config(self) -> None:
+        """`<dump_folder>/config.json` (every section, defaults included, resolved paths) and
+        `<dump_folder>/run_config.toml` (the same as TOML: `--config` re-runs it). Rank 0."""
+        values = self.config.run_values
+        if not values:
+            return
+        from titan_rw.config import to_toml
 
-def _fmt_secs(s: float) -> str:
-    s = int(max(s, 0))
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
+        with open(os.path.join(self.config.dump_folder, "config.json"), "w") as fh:
+            json.dump(values, fh, indent=1, default=str)
+        try:
+            toml = to_toml(values)
+        except TypeError as e:  # a value TOML cannot hold: the JSON still has it
+            logger.warning(f"titan_rw: run_config.toml not written: {e}")
+        else:
+            with open(os.path.join(self.config.dump_folder, "run_config.toml"), "w") as fh:
+                fh.write(toml)
