@@ -151,6 +151,9 @@ def test_cli_writes_json_and_markdown(run_dir, tmp_path, offline, capsys):
     data = json.loads((out / "results.json").read_text())
     assert set(data["results"]) >= {"titan_rw_local_mc", "titan_rw_local_ppl"}
     assert data["titan_rw"]["step"] == STEPS and data["titan_rw"]["flavor"] == "debug"
+    # flavor, tokenizer and context window from the run_config.toml the trainer saved
+    assert (run_dir / "run_config.toml").is_file()
+    assert data["titan_rw"]["max_length"] == SEQ
     md = (out / "results.md").read_text()
     assert "| Local continuation (MC) | titan_rw_local_mc | 0 | acc |" in md
     assert "bits_per_byte" in capsys.readouterr().out

@@ -15,7 +15,7 @@ What it loads
 Model keys are TorchTitan's canonical ones (`layers.0.attention.qkv_linear.wq.weight`, ...).
 
 The flavor and tokenizer come from, in order: `flavor=` / `tokenizer=` model args; the run's saved
-config (`config.toml` in the run folder: `[model] flavor`, `[data] tokenizer`, `[training] seq_len`);
+config (`run_config.toml` / `config.json`, which the trainer writes in the run folder: `[model] flavor`, `[data] tokenizer`, `[training] seq_len`);
 the checkpoint's tensor shapes matched against `titan_rw.models.FLAVORS` (and the shipped tokenizer
 when the vocabulary is its 2048).
 
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import titan_rw  # noqa: F401  (compat patches before torchtitan)
 
+import json
 import logging
 import os
 import re
@@ -50,7 +51,7 @@ from lm_eval.api.registry import register_model
 
 logger = logging.getLogger("titan_rw.eval")
 
-CONFIG_NAMES = ("config.toml", "run_config.toml", "train_config.toml")
+CONFIG_NAMES = ("run_config.toml", "config.json", "config.toml")  # what the trainer saves in the run folder
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
@@ -123,9 +124,9 @@ def read_run_config(run_dir: Path | None) -> dict[str, dict[str, Any]]:
             if f.is_file():
                 try:
                     with open(f, "rb") as fh:
-                        return tomllib.load(fh)
-                except tomllib.TOMLDecodeError as e:
-                    logger.warning(f"{f}: not valid TOML, ignored ({e})")
+                        return json.load(fh) if f.suffix == ".json" else tomllib.load(fh)
+                except (tomllib.TOMLDecodeError, ValueError) as e:
+                    logger.warning(f"{f}: not readable, ignored ({e})")
     return {}
 
 
@@ -274,7 +275,7 @@ class TitanRWLM(TemplateLM):
             flavor = flavor or run_cfg.get("model", {}).get("flavor") or infer_flavor(checkpoint_shapes(ck))
             if flavor is None or flavor not in FLAVORS:
                 raise CheckpointError(
-                    f"{ck.path}: cannot tell the model flavor (no config.toml in the run folder and the tensor "
+                    f"{ck.path}: cannot tell the model flavor (no run_config.toml in the run folder and the tensor "
                     f"shapes match none of {', '.join(FLAVORS)}); pass --model_args flavor=NAME"
                 )
             self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -291,7 +292,7 @@ class TitanRWLM(TemplateLM):
                 if vocab is not None and vocab != 2048:
                     raise CheckpointError(
                         f"flavor {flavor} has a {vocab}-token vocabulary: pass its sentencepiece model as "
-                        f"--model_args tokenizer=/path/to/tokenizer.model (or save the run's config.toml)"
+                        f"--model_args tokenizer=/path/to/tokenizer.model (the run folder has no run_config.toml)"
                     )
                 tok_path = DEFAULT_TOKENIZER
             self.tok = SentencePieceTokenizer(tokenizer_path=str(tok_path))
