@@ -6,6 +6,7 @@
   3. datatrove tokenization (`titan-rw tokenize`), one worker: MB of text per second
 
     python benchmarks/bench_loader.py [--tokens 50e6] [--seq-len 2048 8192] [--batch 8]
+    python benchmarks/bench_loader.py --quick    # CI smoke run (tests/test_benchmarks.py)
 
 Goal from issue 4: >= 20 M tokens/s from shards on one core (a 7B H100 rank needs ~ 20 k tokens/s).
 """
@@ -58,7 +59,11 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--skip-tokenize", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="CI smoke run: 2 M shard tokens, seq 2048 only, 0.3 s per measurement, no tokenize")
     a = p.parse_args()
+    if a.quick:
+        a.tokens, a.seq_len, a.seconds, a.skip_tokenize = min(a.tokens, 2e6), [2048], 0.3, True
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch

@@ -1,6 +1,7 @@
 """Step time and peak memory of the reweighted step (not a test; numbers go to docs/performance.md).
 
     python benchmarks/bench_step.py [--flavor debug] [--seq 256] [--batch 8] [--steps 12] [--repeats 3]
+    python benchmarks/bench_step.py --quick      # CI smoke run (tests/test_benchmarks.py): executes, tiny sizes
 
 Side by side, one process, same model/config/data (synthetic rows), median over repeats of the
 mean step time after 2 warm-up steps:
@@ -150,7 +151,12 @@ def main():
     p.add_argument("--mem-dim", type=int, default=512)
     p.add_argument("--dump", default="/tmp/titan_rw_bench")
     p.add_argument("--skip-steps", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="CI smoke run: tiny flavor, seq 64, batch 4, 2 steps, 1 repeat, small loss-memory case")
     args = p.parse_args()
+    if args.quick:
+        args.flavor, args.seq, args.batch, args.steps, args.repeats = "tiny", 64, 4, 2, 1
+        args.mem_vocab, args.mem_dim = 4096, 128
     os.environ.setdefault("LOCAL_RANK", "0"); os.environ.setdefault("RANK", "0"); os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1"); os.environ.setdefault("MASTER_PORT", "29533")
 
