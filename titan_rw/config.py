@@ -11,7 +11,9 @@ Sections mapped 1:1 onto TorchTitan's dataclasses accept exactly those dataclass
 `[training]` TrainingConfig, `[lr_scheduler]` LRSchedulersContainer.Config,
 `[checkpoint]` CheckpointManager.Config, `[metrics]` MetricsProcessor.Config,
 `[parallelism]` ParallelismConfig, `[compile]` CompileConfig, `[comm]` CommConfig,
-`[profiler]` Profiler.Config, `[reweight]` titan_rw.trainer.ReweightConfig.
+`[profiler]` Profiler.Config, `[reweight]` titan_rw.trainer.ReweightConfig, `[fault]`
+titan_rw.trainer.FaultConfig. `[checkpoint]` builds titan_rw.checkpointing.ResumableCheckpointManager
+(TorchTitan's manager + fallback to the newest complete checkpoint; same keys).
 Sections of our own: `[job]`, `[model]`, `[optimizer]`, `[activation_checkpoint]`, `[data]`
 (see `OWN_SECTIONS`).
 """
@@ -27,7 +29,6 @@ import types
 import typing
 from typing import Any, Literal
 
-from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.loss import CrossEntropyLoss
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import LRSchedulersContainer, OptimizersContainer
@@ -38,7 +39,8 @@ from torchtitan.tools.profiler import Profiler
 
 from titan_rw import models
 from titan_rw.reweight import STRATEGIES
-from titan_rw.trainer import ReweightConfig, ReweightTrainer
+from titan_rw.checkpointing import ResumableCheckpointManager
+from titan_rw.trainer import FaultConfig, ReweightConfig, ReweightTrainer
 
 
 class ConfigError(ValueError):
@@ -111,13 +113,14 @@ OWN_SECTIONS: dict[str, type] = {
 TITAN_SECTIONS: dict[str, type] = {
     "training": TrainingConfig,
     "lr_scheduler": LRSchedulersContainer.Config,
-    "checkpoint": CheckpointManager.Config,
+    "checkpoint": ResumableCheckpointManager.Config,
     "metrics": MetricsProcessor.Config,
     "parallelism": ParallelismConfig,
     "compile": CompileConfig,
     "comm": CommConfig,
     "profiler": Profiler.Config,
     "reweight": ReweightConfig,
+    "fault": FaultConfig,
 }
 SECTIONS: dict[str, type] = {**OWN_SECTIONS, **TITAN_SECTIONS}
 # Our defaults where TorchTitan's do not suit this project (DESIGN.md §3).
@@ -342,6 +345,10 @@ def validate(values: dict, source: str = "config", world_size: int | None = None
     ck = _section(values, "checkpoint")
     if ck.enable and ck.interval < 1:
         raise ConfigError(f"{source}: checkpoint.interval must be >= 1")
+    try:
+        _section(values, "fault").validate()
+    except ValueError as e:
+        raise ConfigError(f"{source}: [fault] {e}") from None
 
 
 def data_loader_available() -> bool:
@@ -420,6 +427,7 @@ def build(values: dict, source: str = "config", world_size: int | None = None) -
         debug=DebugConfig(seed=job.seed, deterministic=job.deterministic, print_config=job.print_config),
         loss=CrossEntropyLoss.Config(global_vocab_size=models.flavor(m.flavor).vocab_size),
         reweight=rw,
+        fault=_section(values, "fault"),
         portable_init=job.portable_init,
         run_values=resolved(values),
     )

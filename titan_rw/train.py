@@ -68,8 +68,7 @@ def train_main(argv: list[str] | None = None) -> int:
         os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    run(config)
-    return 0
+    return run(config)
 
 
 def _free_port() -> int:
@@ -80,30 +79,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(config) -> None:
-    """Build the trainer from a `ReweightTrainer.Config` and train (TorchTitan's main, unchanged in spirit)."""
+def run(config) -> int:
+    """Build the trainer from a `ReweightTrainer.Config` and train (TorchTitan's main, unchanged in
+    spirit). Returns the exit code: 0 when the run finished (or the seed checkpoint was written);
+    `TrainingStopped.exit_code` when it stopped on purpose after a checkpoint (SIGTERM/SIGUSR1:
+    128 + signal by default; too many skipped steps: 3). See docs/resuming.md."""
     import torch
     from torchtitan.observability import structured_logger as sl
     from torchtitan.tools.logging import init_logger, logger
 
     from titan_rw import compat
+    from titan_rw.trainer import TrainingStopped
 
     init_logger()
     compat.log_applied(logger)
     sl.init_structured_logger(source="training", output_dir=config.dump_folder,
                               enable=config.debug.enable_structured_logging)
     trainer = None
+    code = 0
     try:
         trainer = config.build()
-        trainer.train()
+        if config.checkpoint.create_seed_checkpoint:
+            if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+                raise ValueError("checkpoint.create_seed_checkpoint needs a single process (no sharding)")
+            if not config.checkpoint.enable:
+                raise ValueError("checkpoint.create_seed_checkpoint needs checkpoint.enable = true")
+            trainer.checkpointer.save(curr_step=0, last_step=True)
+            logger.info("Created seed checkpoint (step-0): runs in this folder start from it")
+        else:
+            trainer.train()
+    except TrainingStopped as e:
+        code = e.exit_code
+        print(str(e), file=sys.stderr)
     except BaseException:
         if trainer is not None:
             trainer.close()
         raise
-    else:
-        trainer.close()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    trainer.close()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return code
 
 
 def main() -> None:

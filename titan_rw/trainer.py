@@ -35,12 +35,22 @@ import titan_rw  # noqa: F401  (compat patches before torchtitan)
 
 import json
 import os
+import pickle
+import random
+import signal
+import sys
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Iterator, Literal
+
+import numpy as np
 
 import spmd_types as spmd
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+from torchtitan.components.dataloader import DataloaderExhaustedError
 from torchtitan.distributed import utils as dist_utils
+from torchtitan.observability import structured_logger as sl
 from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
@@ -107,10 +117,72 @@ class ReweightConfig:
         )
 
 
+@dataclass(kw_only=True, slots=True)
+class FaultConfig:
+    """`[fault]`: what the trainer does about non-finite values and signals (docs/resuming.md).
+
+    The keys marked TESTING are fault-injection knobs for the tests; they run the real code paths
+    (a real NaN in the loss or the gradient, a real signal or SIGKILL) and are off by default."""
+
+    max_consecutive_skips: int = 10
+    """Stop the run (after a checkpoint) when this many optimizer steps in a row were skipped for a
+    non-finite gradient norm; 0: never stop."""
+    signal_check_interval: int = 1
+    """Steps between the ranks' agreement on a received SIGTERM/SIGUSR1 (one tiny gloo all-reduce on
+    the CPU; no device sync)."""
+    signal_exit_code: int = -1
+    """Exit code after the checkpoint that a SIGTERM/SIGUSR1 asked for: -1 = 128 + signal number
+    (143 for TERM, 138 for USR1), the shell's convention for "stopped by a signal", which Slurm's
+    RequeueExit can match; 0 makes it look like a finished run."""
+    audit_rows: bool = False
+    """Every rank appends the rows it was served, per step, to <dump_folder>/audit/rank<N>.jsonl
+    (dataset, epoch, row per sample): proof that a resumed run neither repeats nor skips data."""
+    nan_loss_steps: list[int] = field(default_factory=list)
+    """TESTING: at these steps, sample 0 of the first micro-batch on DP rank `rank` gets a NaN loss."""
+    nan_grad_steps: list[int] = field(default_factory=list)
+    """TESTING: at these steps, one gradient element on DP rank `rank` becomes NaN after backward."""
+    rank: int = 0
+    """TESTING: the DP rank the nan_* knobs act on."""
+    kill_at_step: int = 0
+    """TESTING: SIGKILL this process after this step (and its checkpoint, if one is due), in the first
+    attempt only (TORCHELASTIC_RESTART_COUNT unset or 0); 0: off."""
+    kill_rank: int = -1
+    """TESTING: the global rank kill_at_step / signal_at_step act on; -1: every rank."""
+    signal_at_step: int = 0
+    """TESTING: send SIGUSR1 to this process during this step (first attempt only); 0: off."""
+
+    def validate(self) -> None:
+        if self.max_consecutive_skips < 0:
+            raise ValueError(f"fault.max_consecutive_skips must be >= 0, got {self.max_consecutive_skips}")
+        if self.signal_check_interval < 1:
+            raise ValueError(f"fault.signal_check_interval must be >= 1, got {self.signal_check_interval}")
+        if not -1 <= self.signal_exit_code <= 255:
+            raise ValueError(f"fault.signal_exit_code must be -1 or 0..255, got {self.signal_exit_code}")
+
+
+class TrainingStopped(Exception):
+    """The run stopped early on purpose, after saving a checkpoint (a signal, too many skipped
+    steps). `exit_code` is what `python -m titan_rw.train` exits with."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# Exit code when max_consecutive_skips stops the run.
+EXIT_TOO_MANY_SKIPS = 3
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _first_attempt() -> bool:
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") in ("", "0")
+
+
 class ReweightTrainer(Trainer):
     @dataclass(kw_only=True, slots=True)
     class Config(Trainer.Config):
         reweight: ReweightConfig = field(default_factory=ReweightConfig)
+        fault: FaultConfig = field(default_factory=FaultConfig)
         portable_init: bool = True
         """Initialize the weights on rank 0 as one full model (seed `debug.seed`) and broadcast
         them, so that the initial weights do not depend on the world size or the sharding
@@ -122,6 +194,7 @@ class ReweightTrainer(Trainer):
     def __init__(self, config: Config):
         compat.log_applied(logger)
         config.reweight.validate()
+        config.fault.validate()
         if config.parallelism.pipeline_parallel_degree > 1:
             raise ValueError("titan_rw: pipeline parallelism is not supported by the reweighted step")
         super().__init__(config)
@@ -179,6 +252,7 @@ class ReweightTrainer(Trainer):
         self.progress = Progress(config.training.steps)
         # provenance of rank 0's rows (only rank 0 writes metrics / samples)
         self._want_provenance = self._is_rank0 and hasattr(self.dataloader, "last_provenance")
+        self._init_faults(config)
         from titan_rw.models import FLAVORS, describe
 
         if config.model_spec is not None and config.model_spec.flavor in FLAVORS:
@@ -221,9 +295,13 @@ class ReweightTrainer(Trainer):
                 p.copy_(full)
 
     # ------------------------------------------------------------------ the step's body
-    def _per_sample(self, inputs, labels, extra_kwargs):
+    def _per_sample(self, inputs, labels, extra_kwargs, mb_index: int = 0):
         hidden = self.model_parts[0](inputs, **extra_kwargs)
-        return per_sample_loss(self.lm_head, hidden, labels, num_chunks=self.rw.loss_chunks)
+        losses, n_valid = per_sample_loss(self.lm_head, hidden, labels, num_chunks=self.rw.loss_chunks)
+        if self._inject_nan_loss and mb_index == 0:  # TESTING knob: a real NaN through the real path
+            first = torch.arange(losses.shape[0], device=losses.device) == 0
+            losses = torch.where(first, torch.full_like(losses, float("nan")), losses)
+        return losses, n_valid
 
     def _forward_backward_body(
         self,
@@ -234,7 +312,8 @@ class ReweightTrainer(Trainer):
     ) -> torch.Tensor:
         k = self.gradient_accumulation_steps
         with self.train_context():
-            losses, n_valid = self._per_sample(inputs, labels, extra_kwargs)
+            losses, n_valid = self._per_sample(inputs, labels, extra_kwargs, self._fb_calls)
+            self._fb_calls += 1
             valid = n_valid > 0
             if self._fixed_weights is None:  # microbatch scope: this micro-batch is the group
                 loss, stats = self._weighted(
@@ -261,10 +340,10 @@ class ReweightTrainer(Trainer):
     def _global_batch_weights(self, microbatches) -> None:
         """Pre-pass for scope=global_batch: weights over all k micro-batches of the step."""
         local = []
-        for input_dict, labels in microbatches:
+        for j, (input_dict, labels) in enumerate(microbatches):
             inputs, labels, extra_kwargs = self.post_dataloading_process(input_dict, labels)
             with self.train_context():
-                losses, n_valid = self._per_sample(inputs, labels, extra_kwargs)
+                losses, n_valid = self._per_sample(inputs, labels, extra_kwargs, j)
             local.append(torch.stack([losses.float(), (n_valid > 0).float()]))  # [2, b_local]
         self.ntokens_seen -= sum(lbl.numel() for _, lbl in microbatches)  # counted again in the grad pass
         k, b_l, dp = len(local), local[0].shape[1], self.dp_size
@@ -304,14 +383,24 @@ class ReweightTrainer(Trainer):
         self._set_temperature(temperature)
         self._groups = []
         self._fixed_weights = None
+        self._fb_calls = 0
+        f = self.fault
+        self._inject_nan_loss = self.step in f.nan_loss_steps and self.dp_rank == f.rank
+        if f.signal_at_step == self.step and self._fault_rank_matches() and _first_attempt():
+            os.kill(os.getpid(), signal.SIGUSR1)  # TESTING knob: a real signal, mid-step
 
         microbatches = []
+        audit = [] if self._audit_fh is not None else None
         provenance: list | None = [] if self._want_provenance else None
         local_valid_tokens = torch.tensor(0, dtype=torch.int64)
         for _ in range(self.gradient_accumulation_steps):
             input_dict, labels = next(data_iterator)
-            if provenance is not None:  # the loader's rows of the batch just served (host lists)
-                provenance.extend(self.dataloader.last_provenance)
+            if provenance is not None or audit is not None:  # rows of the batch just served (host lists)
+                prov = self.dataloader.last_provenance
+                if provenance is not None:
+                    provenance.extend(prov)
+                if audit is not None:
+                    audit.extend([[p[0].get("dataset"), p[0].get("epoch"), p[0].get("row")] if p else None for p in prov])
             local_valid_tokens += (labels != IGNORE_INDEX).sum()
             input_dict = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in input_dict.items()}
             microbatches.append((input_dict, labels.to(self.device)))
@@ -328,16 +417,22 @@ class ReweightTrainer(Trainer):
         for input_dict, labels in microbatches:
             self.forward_backward_step(input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens)
         del microbatches
+        if audit is not None:
+            self._audit_fh.write(json.dumps({"step": self.step, "dp_rank": self.dp_rank, "rows": audit}) + "\n")
+            self._audit_fh.flush()
+        if self.step in f.nan_grad_steps and self.dp_rank == f.rank:
+            self._inject_nan_grad()
 
+        params = [p for m in self.model_parts for p in m.parameters()]
         grad_norm = dist_utils.clip_grad_norm_(
-            [p for m in self.model_parts for p in m.parameters()],
+            params,
             self.config.training.max_norm,
             foreach=True,
             pp_mesh=None,
             ep_enabled=self.parallel_dims.ep_enabled,
         )
         self.checkpointer.maybe_wait_for_staging()
-        self.optimizers.step()
+        self._optimizer_step(grad_norm)
         self.lr_schedulers.step()
 
         self._record(grad_norm, lr, temperature, provenance, sample_inputs)
@@ -368,34 +463,236 @@ class ReweightTrainer(Trainer):
             ntokens=self.tokens_per_step // self.dp_size,
             extra=extra,
         )
-        if self.run_logger.should_flush(self.step):
+        if self._is_flush_step():
             self._flush()
 
     def _fault_metrics(self) -> dict[str, Any]:
         """Per-step fault counters (device tensors) merged into the metrics row."""
-        return {"nonfinite_samples": sum(((~torch.isfinite(s.losses)).sum() for s in self._groups),
-                                         torch.zeros((), dtype=torch.int64, device=self.device))}
+        nonfinite = sum(((~torch.isfinite(s.losses)).sum() for s in self._groups),
+                        torch.zeros((), dtype=torch.int64, device=self.device))
+        return {
+            "nonfinite_samples": nonfinite,  # samples of the step's groups with a NaN/inf loss: weight 0
+            "skipped": self._skipped_now,  # 1 when this step's optimizer update was skipped
+            "skipped_steps": self._skipped_total,  # since the start of the run (checkpointed)
+            "consecutive_skips": self._consec,
+        }
+
+    def _is_flush_step(self) -> bool:
+        n = self.rw.log_interval
+        return self.step == 1 or self.step % n == 0 or self.step >= self.config.training.steps
 
     def _flush(self) -> list[dict]:
         rows = self.run_logger.flush(self.step)  # the one device->host read of the interval
+        for r in rows:
+            if r.get("skipped", 0) > 0:
+                logger.warning(
+                    f"step {r['step']}: non-finite gradient norm ({r.get('grad_norm')}); optimizer step skipped "
+                    f"({int(r.get('consecutive_skips', 0))} in a row, {int(r.get('skipped_steps', 0))} in the run)"
+                )
+            if r.get("nonfinite_samples", 0) > 0:
+                logger.warning(f"step {r['step']}: {int(r['nonfinite_samples'])} sample(s) with a non-finite loss got weight 0")
         if rows and self._is_rank0:
             logger.info(self.progress.row_line(rows[-1]))
         return rows
 
+    # ------------------------------------------------------------------ faults
+    def _init_faults(self, config) -> None:
+        f = self.fault = config.fault
+        self._inject_nan_loss = False
+        self._fb_calls = 0
+        z = lambda: torch.zeros((), dtype=torch.int64, device=self.device)  # noqa: E731
+        self._skipped_now, self._skipped_total, self._consec, self._max_consec = z(), z(), z(), z()
+        # fused AdamW/Adam skip on device (found_inf): no host sync; else one host read per step
+        self._fused_skip = all(
+            any(g.get("fused") for g in o.param_groups) and type(o).__name__ in ("Adam", "AdamW")
+            for o in self.optimizers.optimizers
+        )
+        self._stop_reason: tuple[str, int] | None = None
+        self._signal_received = 0
+        self._prev_handlers: dict[int, Any] = {}
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in _STOP_SIGNALS:
+                self._prev_handlers[sig] = signal.signal(sig, self._on_signal)
+        self._world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self._rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self._cpu_group = torch.distributed.new_group(backend="gloo") if self._world > 1 else None
+        self._audit_fh = None
+        if f.audit_rows and hasattr(self.dataloader, "last_provenance"):
+            d = os.path.join(config.dump_folder, "audit")
+            os.makedirs(d, exist_ok=True)
+            self._audit_fh = open(os.path.join(d, f"rank{self._rank}.jsonl"), "a")
+        if not self._fused_skip:
+            logger.info("titan_rw: optimizer is not fused Adam/AdamW: a non-finite gradient norm is checked on the host every step")
+
+    def _fault_rank_matches(self) -> bool:
+        return self.fault.kill_rank in (-1, self._rank)
+
+    def _on_signal(self, signum, _frame) -> None:
+        if self._signal_received == signum:  # the same signal twice: stop now, without a checkpoint
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self._signal_received = signum
+        sys.stderr.write(f"[titan_rw] rank {self._rank}: received {signal.Signals(signum).name}; "
+                         "will checkpoint and exit after the current step\n")
+
+    @torch.no_grad()
+    def _inject_nan_grad(self) -> None:
+        from torch.distributed.tensor import DTensor
+
+        for p in (p for m in self.model_parts for p in m.parameters()):
+            g = p.grad
+            if g is None:
+                continue
+            loc = g.to_local() if isinstance(g, DTensor) else g
+            if loc.numel():
+                loc.view(-1)[0] = float("nan")
+                return
+
+    def _optimizer_step(self, grad_norm: torch.Tensor) -> None:
+        """The optimizer step, skipped when the gradient norm is not finite (the LR and temperature
+        schedules still advance: the step's data is consumed; parameters and optimizer moments and
+        step counts are untouched)."""
+        ok = torch.isfinite(grad_norm.detach().float().reshape(()))
+        bad = (~ok).to(torch.int64)
+        if self._fused_skip:
+            found_inf = bad.float()
+            for o in self.optimizers.optimizers:
+                o.found_inf = found_inf  # torch's fused Adam(W) kernel skips the update on device
+            try:
+                self.optimizers.step()
+            finally:
+                for o in self.optimizers.optimizers:
+                    o.found_inf = None
+        elif bool(ok):  # host read: one per step (only for non-fused optimizers)
+            self.optimizers.step()
+        self._skipped_now = bad
+        self._skipped_total = self._skipped_total + bad
+        self._consec = (self._consec + 1) * bad
+        self._max_consec = torch.maximum(self._max_consec, self._consec)
+
+    def _check_skips(self) -> None:
+        """At flush steps (every rank; identical values since the gradient norm is global):
+        too many consecutive skips -> stop after a checkpoint."""
+        n = self.fault.max_consecutive_skips
+        if n <= 0 or not self._is_flush_step():
+            return
+        worst = int(self._max_consec)  # host read on flush steps only
+        self._max_consec = self._consec.clone()
+        if worst >= n:
+            self._stop_reason = (
+                f"{worst} consecutive optimizer steps skipped for a non-finite gradient norm "
+                f"(fault.max_consecutive_skips = {n}); the model is that of the last good step",
+                EXIT_TOO_MANY_SKIPS,
+            )
+
+    def _agree_signal(self) -> int:
+        """Every signal_check_interval steps: the largest signal number any rank received (0: none)."""
+        if self.step % self.fault.signal_check_interval != 0 and self.step < self.config.training.steps:
+            return 0
+        flag = torch.tensor([int(self._signal_received)], dtype=torch.int64)
+        if self._cpu_group is not None:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._cpu_group)
+        return int(flag.item())
+
+    def _after_step(self) -> None:
+        f = self.fault
+        if f.kill_at_step == self.step and self._fault_rank_matches() and _first_attempt():
+            logger.warning(f"TESTING fault.kill_at_step: SIGKILL of rank {self._rank} after step {self.step}")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._check_skips()
+        sig = self._agree_signal()
+        if sig and self._stop_reason is None:
+            code = 128 + sig if f.signal_exit_code == -1 else f.signal_exit_code
+            self._stop_reason = (f"{signal.Signals(sig).name} received", code)
+        if self._stop_reason is None:
+            return
+        msg, code = self._stop_reason
+        saved = self.checkpointer.save_now(self.step)
+        where = (os.path.join(self.checkpointer.folder, f"step-{self.step}") if saved
+                 else "no checkpoint (checkpoint.enable is false)")
+        full = f"titan_rw: stopping at step {self.step}: {msg}; saved {where}; exit code {code}"
+        logger.error(full) if code == EXIT_TOO_MANY_SKIPS else logger.warning(full)
+        raise TrainingStopped(full, code)
+
+    # ------------------------------------------------------------------ the loop
+    @record
+    def train(self):
+        """TorchTitan's loop, plus: resume from the newest complete checkpoint (logged), the fault
+        checks after each step (SIGTERM/SIGUSR1, too many skipped steps) and the testing knobs."""
+        config = self.config
+        sl.log_trace_instant("training_start")
+        self.checkpointer.load(step=config.checkpoint.load_step)
+        loaded_step = self.step
+        if loaded_step:
+            logger.info(f"titan_rw: resumed from the checkpoint of step {loaded_step} "
+                        f"(data cursor, optimizer, LR and temperature schedules, RNG restored)")
+        logger.info(f"Training starts at step {self.step + 1}")
+        with config.profiler.build(global_step=self.step, base_folder=config.dump_folder) as profiler:
+            data_iterator = self.batch_generator(self.dataloader)
+            while self.should_continue_training():
+                self.step += 1
+                sl.set_step(self.step, relative_step=self.step - loaded_step)
+                with sl.log_trace_span("step"):
+                    self.gc_handler.run(self.step)
+                    try:
+                        self.train_step(data_iterator)
+                    except DataloaderExhaustedError:
+                        logger.warning("Ran out of data; last step was canceled.")
+                        break
+                    self.checkpointer.save(self.step, last_step=(self.step == config.training.steps))
+                    if self.config.validator.enable and self.validator.should_validate(self.step):
+                        self.validator.validate(self.model_parts, self.step)
+                    profiler.step()
+                    if self.step - loaded_step == 1:
+                        dist_utils.set_pg_timeouts(
+                            timeout=timedelta(seconds=config.comm.train_timeout_seconds),
+                            parallel_dims=self.parallel_dims,
+                        )
+                    self._after_step()
+        self.checkpointer.maybe_wait_for_saving()
+        logger.info("Training completed")
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        """TorchTitan's train state (step, ntokens_seen) + ours, pickled into one bytes value (DCP
+        stores it once; any world size loads it): the temperature schedule, the RunLogger (rank 0's),
+        the skip counters and the RNG states (rank 0's: TorchTitan seeds every DP rank alike)."""
         sd = Trainer.state_dict(self)
-        sd["temperature_last_step"] = self.temperature_schedule.last_step if hasattr(self, "temperature_schedule") else 0
-        if hasattr(self, "run_logger"):
-            sd["run_logger"] = self.run_logger.state_dict()
+        if not hasattr(self, "_skipped_total"):
+            return sd
+        rl = self.run_logger.state_dict() if getattr(self, "run_logger", None) is not None else {}
+        if self._cpu_group is not None:  # only rank 0's RunLogger is enabled
+            box = [rl]
+            torch.distributed.broadcast_object_list(box, src=0, group=self._cpu_group)
+            rl = box[0]
+        extra = {
+            "version": 1,
+            "temperature_last_step": self.temperature_schedule.last_step,
+            "run_logger": rl,
+            "skipped_steps": int(self._skipped_total),
+            "consecutive_skips": int(self._consec),
+            "rng": _rng_state(),
+        }
+        sd["titan_rw"] = pickle.dumps(extra)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         Trainer.load_state_dict(self, state_dict)
-        if "temperature_last_step" in state_dict and hasattr(self, "temperature_schedule"):
-            self.temperature_schedule.last_step = int(state_dict["temperature_last_step"])
-        if "run_logger" in state_dict and hasattr(self, "run_logger"):
-            self.run_logger.load_state_dict(state_dict["run_logger"])
+        raw = state_dict.get("titan_rw")
+        if raw is not None and hasattr(self, "_skipped_total"):
+            extra = pickle.loads(raw) if isinstance(raw, (bytes, bytearray)) else raw
+            self.temperature_schedule.last_step = int(extra["temperature_last_step"])
+            if getattr(self, "run_logger", None) is not None:
+                self.run_logger.load_state_dict(extra["run_logger"])
+            self._skipped_total.fill_(int(extra["skipped_steps"]))
+            self._consec.fill_(int(extra["consecutive_skips"]))
+            self._max_consec.fill_(int(extra["consecutive_skips"]))
+            _set_rng_state(extra["rng"])
         if hasattr(self, "progress"):
             self.progress = Progress(self.config.training.steps, start=self.step)
 
@@ -406,6 +703,12 @@ class ReweightTrainer(Trainer):
             except Exception as e:  # noqa: BLE001  closing must not mask the original error
                 logger.warning(f"titan_rw: could not flush the last metrics: {e}")
             self.run_logger = None
+        if getattr(self, "_audit_fh", None) is not None:
+            self._audit_fh.close()
+            self._audit_fh = None
+        for sig, h in getattr(self, "_prev_handlers", {}).items():
+            signal.signal(sig, h)
+        self._prev_handlers = {}
         super().close()
 
     # ------------------------------------------------------------------ run config
@@ -426,3 +729,18 @@ class ReweightTrainer(Trainer):
         else:
             with open(os.path.join(self.config.dump_folder, "run_config.toml"), "w") as fh:
                 fh.write(toml)
+
+
+def _rng_state() -> dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
