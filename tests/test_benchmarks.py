@@ -39,3 +39,29 @@ def test_bench_loader_quick(tmp_path):
     out = _run(["benchmarks/bench_loader.py", "--quick"], tmp_path, timeout=120)
     for row in ("shards (memmap), seq 2048", "parquet streaming: build", "parquet streaming: serving"):
         assert row in out, out
+
+
+def test_gpu_check_is_shellcheck_clean():
+    import shutil
+
+    import pytest
+
+    if not shutil.which("shellcheck"):
+        pytest.skip("shellcheck not installed")
+    p = subprocess.run(["shellcheck", "benchmarks/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_gpu_check_plumbing_on_cpu(tmp_path):
+    """The script's overrides, the gpu_step.py driver and the table, on 2 CPU processes (tiny model,
+    no compile, fp32): not a GPU check, only that the script still matches the trainer's config keys."""
+    env = dict(os.environ, NPROC="2", STEPS="3", WARMUP="1", SEQ="32", LOCAL_BATCH="2", RUN_TIMEOUT="150",
+               CONFIG="train_configs/debug_cpu.toml", PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    p = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out"), "--model.flavor", "tiny", "--compile.enable", "false",
+         "--training.mixed_precision_param", "float32"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=330,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "| uniform  |" in p.stdout and "| linupper |" in p.stdout and "overhead LinUpper / uniform" in p.stdout
+    assert "FAILED" not in p.stdout
