@@ -14,7 +14,7 @@ def _run(*args):
 def test_help_lists_commands():
     r = _run("--help")
     assert r.returncode == 0
-    for cmd in ("train", "tokenize", "tokenizer train", "report", "eval", "weights", "experiment toy-regression"):
+    for cmd in ("train", "tokenize", "tokenizer train", "report", "eval", "weights", "experiment toy-regression", "experiment duplicates"):
         assert cmd in r.stdout
 
 

@@ -6,7 +6,7 @@
     titan-rw report RUN_DIR [RUN_DIR ...]   Figure 6 and loss curves as PNG + summary.md
     titan-rw eval RUN_DIR --tasks ...  lm-evaluation-harness on a checkpoint
     titan-rw weights ...              show the paper's weights for a batch of losses
-    titan-rw experiment toy-regression ...
+    titan-rw experiment toy-regression|duplicates ...
 
 Each subcommand's module is imported only when it runs, so `--help` stays fast and a
 missing optional piece names itself instead of breaking the others.
@@ -35,6 +35,11 @@ SUBGROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
             "titan_rw.experiments.toy_regression",
             "main",
             "the paper's Appendix B toy regression, all strategies",
+        ),
+        "duplicates": (
+            "titan_rw.experiments.duplicates",
+            "main",
+            "debug Llama on a corpus with duplicated documents: uniform vs LinUpper",
         ),
     },
 }
