@@ -11,7 +11,7 @@ served per step). They are built once per module and checked by the tests below:
 - torchrun --max-restarts 1 with rank 1 SIGKILLed after step 3: same losses as an uninterrupted
   2-rank run, bit for bit;
 - newest checkpoints damaged (a data file truncated in step-6, one deleted in step-4): resume loads
-  step-2 and says so in one line;
+  step-2 and says so in one line; a newest checkpoint whose bytes DCP cannot read: the previous one;
 - a NaN per-sample loss gets weight 0; a NaN gradient skips the optimizer step (model and optimizer
   state unchanged); SIGUSR1 checkpoints and exits 138, the resumed run finishes;
 - N consecutive skipped steps stop the run (exit 3) after a checkpoint of the last good model.
@@ -142,6 +142,18 @@ def runs(tmp_path_factory):
         else:
             os.remove(os.path.join(d, big))
     _, r["damaged_log"] = _run(base, p("damaged"))
+    # newest checkpoint structurally fine but unreadable (our train-state bytes zeroed): DCP's load
+    # fails, the previous one is loaded instead
+    shutil.copytree(p("ref1"), p("unreadable"))
+    os.remove(os.path.join(p("unreadable"), "metrics.jsonl"))
+    from torch.distributed.checkpoint import FileSystemReader
+
+    d = p("unreadable/checkpoint/step-6")
+    info = next(v for k, v in FileSystemReader(d).read_metadata().storage_data.items() if k.fqn == "train_state.titan_rw")
+    with open(os.path.join(d, info.relative_path), "r+b") as fh:
+        fh.seek(info.offset)
+        fh.write(b"\0" * info.length)
+    _, r["unreadable_log"] = _run(base, p("unreadable"))
     # faults: NaN loss at step 2, NaN gradient at step 3 (fused AdamW: skipped on device),
     # SIGUSR1 during step 4 -> checkpoint step-4, exit 138; then resumed to the end
     faults = ["--fault.nan_loss_steps", "[2]", "--fault.nan_grad_steps", "[3]", "--optimizer.implementation", "fused",
@@ -151,7 +163,7 @@ def runs(tmp_path_factory):
     # too many consecutive skips (foreach AdamW: host check): stop with exit 3 after a checkpoint
     _, r["stop_log"] = _run(base, p("stop"), "--fault.nan_grad_steps", "[2, 3]", "--fault.max_consecutive_skips", "2",
                             "--checkpoint.interval", "10", "--checkpoint.enable_first_step_checkpoint", "true", expect=3)
-    r.update({k: p(k) for k in ("ref1", "kill1", "ref2", "two_to_one", "one_to_two", "elastic", "damaged", "faults", "stop")})
+    r.update({k: p(k) for k in ("ref1", "kill1", "ref2", "two_to_one", "one_to_two", "elastic", "damaged", "unreadable", "faults", "stop")})
     return r
 
 
@@ -223,6 +235,19 @@ def test_damaged_checkpoints_are_skipped_and_said_so(runs):
     assert sorted(res) == [3, 4, 5, 6]
     for s in res:
         assert res[s]["loss"] == ref[s]["loss"]
+
+
+def test_unreadable_checkpoint_falls_back(runs):
+    log = runs["unreadable_log"]
+    lines = [ln for ln in log.splitlines() if "titan_rw checkpoint: skipped" in ln]
+    assert len(lines) == 1, log[-4000:]
+    assert "step-6: load failed" in lines[0]
+    assert lines[0].rstrip().endswith("loaded " + os.path.join(runs["unreadable"], "checkpoint", "step-4"))
+    ref, res = _metrics(runs["ref1"]), _metrics(runs["unreadable"])
+    assert sorted(res) == [5, 6]
+    for s in res:  # nothing of the failed attempt survived
+        for k in KEYS:
+            assert res[s][k] == ref[s][k], (s, k)
 
 
 def test_nan_loss_weight_zero_nan_grad_skipped_signal_checkpoint(runs):

@@ -32,6 +32,7 @@ import re
 from dataclasses import dataclass
 
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.tools import filesystem
 from torchtitan.tools.logging import logger
@@ -122,10 +123,10 @@ class ResumableCheckpointManager(CheckpointManager):
             found = self._find_load_step()
             try:
                 ok = super()._load(-1)
-            except Exception as e:  # noqa: BLE001 - DCP raises on every rank alike
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP raises on every rank alike
                 if found < 0:
                     raise
-                self._bad[found] = f"load failed ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
+                self._bad[found] = f"load failed ({_first_error(e)})"
                 logger.warning(f"titan_rw checkpoint: could not load {self._create_checkpoint_id(found)}; trying an older one")
                 continue
             self.loaded_step = found if ok else -1
@@ -174,3 +175,15 @@ class ResumableCheckpointManager(CheckpointManager):
             self._force = False
         self.maybe_wait_for_saving()
         return saved or curr_step == self.last_saved_step
+
+
+def _first_error(e: BaseException) -> str:
+    """A one-line reason; for DCP's CheckpointException, the first rank's underlying error."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))  # (exception, stack summary)
+        inner = inner[0] if isinstance(inner, tuple) and inner else inner
+        if isinstance(inner, BaseException):
+            e = inner
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1][:300] if text else ''}"

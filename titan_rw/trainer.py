@@ -128,8 +128,8 @@ class FaultConfig:
     """Stop the run (after a checkpoint) when this many optimizer steps in a row were skipped for a
     non-finite gradient norm; 0: never stop."""
     signal_check_interval: int = 1
-    """Steps between the ranks' agreement on a received SIGTERM/SIGUSR1 (one tiny gloo all-reduce on
-    the CPU; no device sync)."""
+    """Steps between the ranks' agreement on a received SIGTERM/SIGUSR1: one all-reduce of an int on
+    the default process group (on GPU also a device sync, hence 10 in the GPU configs)."""
     signal_exit_code: int = -1
     """Exit code after the checkpoint that a SIGTERM/SIGUSR1 asked for: -1 = 128 + signal number
     (143 for TERM, 138 for USR1), the shell's convention for "stopped by a signal", which Slurm's
@@ -263,6 +263,34 @@ class ReweightTrainer(Trainer):
             f"scope={rw.scope} b={self.group_b if rw.scope == 'microbatch' else self.group_b * self.gradient_accumulation_steps} "
             f"dp={self.dp_size} accumulation={self.gradient_accumulation_steps}"
         )
+
+    def init_distributed(self):
+        """TorchTitan's, except in a torchrun restart (attempt > 0): the process group then
+        rendezvous under a per-attempt key prefix. torchrun (torch 2.13) keeps one agent store
+        across attempts, so without it a restarted rank can read the previous attempt's addresses
+        and fail ("Gloo connectFullMesh failed ... Connection refused"; seen in ~1/3 of restarts)."""
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if attempt in ("", "0") or torch.distributed.is_initialized() or "MASTER_ADDR" not in os.environ:
+            return super().init_distributed()
+        import functools
+
+        from torch.distributed import PrefixStore, TCPStore
+
+        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        timeout = timedelta(seconds=self.config.comm.init_timeout_seconds)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            base = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                            is_master=False, timeout=timeout)
+        else:
+            base = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                            is_master=rank == 0, timeout=timeout, multi_tenant=True)
+        store = PrefixStore(f"titan_rw/attempt_{attempt}/", base)
+        original = torch.distributed.init_process_group
+        torch.distributed.init_process_group = functools.partial(original, store=store, rank=rank, world_size=world)
+        try:
+            return super().init_distributed()
+        finally:
+            torch.distributed.init_process_group = original
 
     @torch.no_grad()
     def _portable_init(self, model: torch.nn.Module) -> None:
@@ -517,7 +545,10 @@ class ReweightTrainer(Trainer):
                 self._prev_handlers[sig] = signal.signal(sig, self._on_signal)
         self._world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self._rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        self._cpu_group = torch.distributed.new_group(backend="gloo") if self._world > 1 else None
+        # The signal agreement and the RunLogger-state broadcast use the default group: a new gloo
+        # group would be cheaper on GPU, but after a torchrun restart its rendezvous can read the
+        # previous attempt's addresses from the store and fail (seen with torch 2.13).
+        self._multi = self._world > 1
         self._audit_fh = None
         if f.audit_rows and hasattr(self.dataloader, "last_provenance"):
             d = os.path.join(config.dump_folder, "audit")
@@ -592,10 +623,11 @@ class ReweightTrainer(Trainer):
         """Every signal_check_interval steps: the largest signal number any rank received (0: none)."""
         if self.step % self.fault.signal_check_interval != 0 and self.step < self.config.training.steps:
             return 0
-        flag = torch.tensor([int(self._signal_received)], dtype=torch.int64)
-        if self._cpu_group is not None:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._cpu_group)
-        return int(flag.item())
+        if not self._multi:
+            return int(self._signal_received)
+        flag = torch.tensor([int(self._signal_received)], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())  # on GPU: a device sync every signal_check_interval steps
 
     def _after_step(self) -> None:
         f = self.fault
@@ -666,9 +698,9 @@ class ReweightTrainer(Trainer):
         if not hasattr(self, "_skipped_total"):
             return sd
         rl = self.run_logger.state_dict() if getattr(self, "run_logger", None) is not None else {}
-        if self._cpu_group is not None:  # only rank 0's RunLogger is enabled
+        if self._multi:  # only rank 0's RunLogger is enabled
             box = [rl]
-            torch.distributed.broadcast_object_list(box, src=0, group=self._cpu_group)
+            torch.distributed.broadcast_object_list(box, src=0)
             rl = box[0]
         extra = {
             "version": 1,
