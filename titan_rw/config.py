@@ -40,7 +40,7 @@ from torchtitan.tools.profiler import Profiler
 from titan_rw import models
 from titan_rw.reweight import STRATEGIES
 from titan_rw.checkpointing import ResumableCheckpointManager
-from titan_rw.trainer import FaultConfig, ReweightConfig, ReweightTrainer
+from titan_rw.trainer import FaultConfig, PeriodicEvalConfig, ReweightConfig, ReweightTrainer
 
 
 class ConfigError(ValueError):
@@ -121,6 +121,7 @@ TITAN_SECTIONS: dict[str, type] = {
     "profiler": Profiler.Config,
     "reweight": ReweightConfig,
     "fault": FaultConfig,
+    "periodic_eval": PeriodicEvalConfig,
 }
 SECTIONS: dict[str, type] = {**OWN_SECTIONS, **TITAN_SECTIONS}
 # Our defaults where TorchTitan's do not suit this project (DESIGN.md §3).
@@ -349,6 +350,9 @@ def validate(values: dict, source: str = "config", world_size: int | None = None
         _section(values, "fault").validate()
     except ValueError as e:
         raise ConfigError(f"{source}: [fault] {e}") from None
+        _section(values, "periodic_eval").validate()
+    except ValueError as e:
+        raise ConfigError(f"{source}: [periodic_eval] {e}") from None
 
 
 def data_loader_available() -> bool:
@@ -428,6 +432,7 @@ def build(values: dict, source: str = "config", world_size: int | None = None) -
         loss=CrossEntropyLoss.Config(global_vocab_size=models.flavor(m.flavor).vocab_size),
         reweight=rw,
         fault=_section(values, "fault"),
+        periodic_eval=_section(values, "periodic_eval"),
         portable_init=job.portable_init,
         run_values=resolved(values),
     )

@@ -160,6 +160,29 @@ class FaultConfig:
             raise ValueError(f"fault.signal_exit_code must be -1 or 0..255, got {self.signal_exit_code}")
 
 
+@dataclass(kw_only=True, slots=True)
+class PeriodicEvalConfig:
+    """`[periodic_eval]`: lm-eval tasks on the model being trained, every `interval` steps (off: 0).
+
+    Every rank runs the same requests (FSDP gathers the weights in the forward); rank 0 logs the
+    scores as `eval/<task>/<metric>` in metrics.jsonl and TensorBoard. Offline: the default task is
+    one of the two shipped with titan_rw (titan_rw/eval/tasks), so nothing is downloaded."""
+
+    interval: int = 0
+    """Steps between evaluations; 0: never."""
+    tasks: list[str] = field(default_factory=lambda: ["titan_rw_local_ppl"])
+    """lm-eval task names or titan_rw presets (local, paper, ...)."""
+    limit: int = 16
+    """Examples per task (0: all)."""
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        if self.interval < 0 or self.limit < 0 or self.batch_size < 1:
+            raise ValueError("periodic_eval.interval and limit must be >= 0, batch_size >= 1")
+        if self.interval and not self.tasks:
+            raise ValueError("periodic_eval.tasks is empty while periodic_eval.interval > 0")
+
+
 class TrainingStopped(Exception):
     """The run stopped early on purpose, after saving a checkpoint (a signal, too many skipped
     steps). `exit_code` is what `python -m titan_rw.train` exits with."""
@@ -183,6 +206,7 @@ class ReweightTrainer(Trainer):
     class Config(Trainer.Config):
         reweight: ReweightConfig = field(default_factory=ReweightConfig)
         fault: FaultConfig = field(default_factory=FaultConfig)
+        periodic_eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
         portable_init: bool = True
         """Initialize the weights on rank 0 as one full model (seed `debug.seed`) and broadcast
         them, so that the initial weights do not depend on the world size or the sharding
@@ -195,6 +219,7 @@ class ReweightTrainer(Trainer):
         compat.log_applied(logger)
         config.reweight.validate()
         config.fault.validate()
+        config.periodic_eval.validate()
         if config.parallelism.pipeline_parallel_degree > 1:
             raise ValueError("titan_rw: pipeline parallelism is not supported by the reweighted step")
         super().__init__(config)
@@ -463,7 +488,20 @@ class ReweightTrainer(Trainer):
         self._optimizer_step(grad_norm)
         self.lr_schedulers.step()
 
-        self._record(grad_norm, lr, temperature, provenance, sample_inputs)
+        self._record(grad_norm, lr, temperature, provenance, sample_inputs, self._periodic_eval())
+
+    def _periodic_eval(self) -> dict[str, float]:
+        """`[periodic_eval]`: lm-eval scores of the current model (host floats), or {}."""
+        pe = self.config.periodic_eval
+        if not pe.interval or self.step % pe.interval != 0:
+            return {}
+        from titan_rw.eval.periodic import evaluate_model
+
+        scores = evaluate_model(self.model_parts[0], self.tokenizer, list(pe.tasks), pe.limit or None,
+                                max_length=self.config.training.seq_len, batch_size=pe.batch_size)
+        if self._is_rank0:
+            logger.info(f"step {self.step} eval: " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(scores.items())))
+        return scores
 
     # ------------------------------------------------------------------ statistics
     def _provenance_index(self, n_rows: int) -> list[int] | None:
@@ -475,12 +513,13 @@ class ReweightTrainer(Trainer):
         b = self.group_b  # both scopes: micro-batch j's rows sit at [j*b, (j+1)*b), DP rank order
         return [j * b + self.dp_rank * b_l + r for j in range(k) for r in range(b_l)][:n_rows]
 
-    def _record(self, grad_norm, lr, temperature, provenance, sample_inputs) -> None:
+    def _record(self, grad_norm, lr, temperature, provenance, sample_inputs, scores=None) -> None:
         """Hand the step to the RunLogger (device ops only; no host sync)."""
         g = self._groups
         self.last_weight_stats = g  # for observability hooks and tests (device tensors)
         extra: dict[str, Any] = {"lr": lr, "grad_norm": grad_norm.detach()}
         extra.update(self._fault_metrics())
+        extra.update(scores or {})  # eval/<task>/<metric>: host floats, on eval steps only
         self.run_logger.record(
             self.step,
             g,

@@ -45,6 +45,8 @@ def evaluate_model(model, tokenizer, tasks: str | list[str] = "local", limit: in
 
 def flatten(results: dict[str, Any]) -> dict[str, float]:
     out = {}
+    if not results:  # lm-eval returns None where LOCAL_RANK != 0 (that rank still ran every forward)
+        return out
     for task, res in results.get("results", {}).items():
         for key, v in res.items():
             if "," not in key or "_stderr" in key or not isinstance(v, (int, float)):
