@@ -279,3 +279,45 @@ def test_torchrun_multi_two_nodes_on_localhost(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "world 2 resume from step 0" in outs[1], outs  # global rank 0 is on NODE_RANK=0
     assert _steps(run) == [1, 2, 3] and _checkpoints(run) == [3]
+
+
+# ---- datatrove tokenization as a real Slurm array ---------------------------------------------
+
+def test_tokenize_as_slurm_array_job(tmp_path: Path):
+    """`titan-rw tokenize --slurm`: datatrove submits an array job to the real Slurm; its tasks
+    write the shards and completion markers; the result loads like a local tokenization."""
+    _need_slurm()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from titan_rw.data import DEFAULT_TOKENIZER
+    from titan_rw.data.shards import open_shard
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):
+        texts = [f"Slurm array document {i}.{j}: the quick brown fox." for j in range(5)]
+        pq.write_table(pa.table({"text": texts, "id": [f"d{i}-{j}" for j in range(5)]}), src / f"p{i}.parquet")
+    out = tmp_path / "out"
+    venv = os.environ.get("VIRTUAL_ENV") or str(Path(os.sys.executable).parents[1])
+    env = dict(os.environ, VIRTUAL_ENV=venv)
+    r = subprocess.run(
+        [str(Path(venv) / "bin" / "titan-rw"), "tokenize", "--input", str(src), "--output", str(out),
+         "--tokenizer", DEFAULT_TOKENIZER, "--slurm", "--partition", "debug", "--time", "00:10:00",
+         "--cpus-per-task", "1", "--mem-per-cpu-gb", "1", "--no-progress"],
+        capture_output=True, text=True, timeout=180, cwd=ROOT, env=env,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    done = out / ".datatrove" / "completions"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (done.exists() and len(list(done.glob("*"))) >= 2):
+        time.sleep(2)
+    logs = "\n".join(p.read_text()[-1500:] for p in (out / ".datatrove").rglob("*.out")) if out.exists() else ""
+    assert done.exists() and len(list(done.glob("*"))) == 2, f"array tasks did not complete:\n{logs}"
+    shards = [open_shard(str(out / f"shard_{i:05d}.ds")) for i in range(2)]
+    assert [s.n_docs for s in shards] == [5, 5]
+    # it really ran as a Slurm array: two COMPLETED array tasks whose logs go under this output
+    ours = [j for j in _sh("scontrol", "show", "job", "-o").stdout.splitlines() if str(out) in j]
+    tasks = {re.search(r"ArrayTaskId=(\d+)", j).group(1) for j in ours
+             if "ArrayTaskId=" in j and "JobState=COMPLETED" in j and "titan_rw_tokenize" in j}
+    assert tasks >= {"0", "1"}, ours
