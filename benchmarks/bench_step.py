@@ -8,6 +8,7 @@ mean step time after 2 warm-up steps:
   - titan_rw LinUpper      vs  titan_rw uniform           (goal ≤ 1.01×)
   - titan_rw uniform       vs  stock TorchTitan Trainer   (goal ≤ 1.02×; TorchTitan's
                                                              ChunkedLossWrapper + CrossEntropyLoss)
+  - LinUpper under gradient accumulation: reweight.scope global_batch vs microbatch (its cost)
   - peak memory of the per-sample loss path vs TorchTitan's chunked mean-loss path vs a naive
     full-logits per-sample CE (bytes allocated by the loss + backward, measured with
     torch.cuda's allocator peak on GPU; on CPU a running sum of the profiler's allocation
@@ -30,12 +31,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
-def _config(args, strategy, stock=False):
+def _config(args, strategy, stock=False, accum=1, scope="microbatch"):
     from titan_rw import config as C
 
     cfg = C.from_args(None, [
         "--model.flavor", args.flavor, "--training.seq_len", str(args.seq), "--training.local_batch_size", str(args.batch),
-        "--training.global_batch_size", str(args.batch), "--training.steps", "1000000", "--data.loader", "synthetic",
+        "--training.global_batch_size", str(args.batch * accum), "--reweight.scope", scope,
+        "--training.steps", "1000000", "--data.loader", "synthetic",
         "--job.dump_folder", args.dump, "--checkpoint.enable", "false", "--metrics.enable_tensorboard", "false",
         "--reweight.strategy", strategy, "--reweight.warmup_steps", "0", "--reweight.log_interval", "1000000",
         "--training.mixed_precision_param", "float32", "--compile.enable", str(args.compile).lower(),
@@ -84,6 +86,22 @@ def bench_steps(args):
             t.model_parts[0].load_state_dict(sd)
         trainers[name] = t
     res = {k: [] for k in kinds}
+    for _ in range(args.repeats):
+        for name, t in trainers.items():
+            res[name].append(_time_trainer(t, args.steps))
+    return {k: statistics.median(v) for k, v in res.items()}
+
+
+def bench_scope(args):
+    """LinUpper with gradient accumulation (k = args.accum micro-batches): scope microbatch vs global_batch
+    (exact weights over the optimizer step: a no-grad loss pre-pass). Returns median step times."""
+    trainers = {}
+    for scope in ("microbatch", "global_batch"):
+        t = _config(args, "linupper", accum=args.accum, scope=scope).build()
+        if trainers:
+            t.model_parts[0].load_state_dict(next(iter(trainers.values())).model_parts[0].state_dict())
+        trainers[scope] = t
+    res = {k: [] for k in trainers}
     for _ in range(args.repeats):
         for name, t in trainers.items():
             res[name].append(_time_trainer(t, args.steps))
@@ -151,11 +169,13 @@ def main():
     p.add_argument("--mem-dim", type=int, default=512)
     p.add_argument("--dump", default="/tmp/titan_rw_bench")
     p.add_argument("--skip-steps", action="store_true")
+    p.add_argument("--accum", type=int, default=4, help="micro-batches per step for the scope benchmark")
+    p.add_argument("--skip-scope", action="store_true")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke run: tiny flavor, seq 64, batch 4, 2 steps, 1 repeat, small loss-memory case")
     args = p.parse_args()
     if args.quick:
-        args.flavor, args.seq, args.batch, args.steps, args.repeats = "tiny", 64, 4, 2, 1
+        args.flavor, args.seq, args.batch, args.steps, args.repeats, args.accum = "tiny", 64, 4, 2, 1, 2
         args.mem_vocab, args.mem_dim = 4096, 128
     os.environ.setdefault("LOCAL_RANK", "0"); os.environ.setdefault("RANK", "0"); os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1"); os.environ.setdefault("MASTER_PORT", "29533")
@@ -172,6 +192,14 @@ def main():
     print(f"  {'titan_rw linupper':26s} {t['linupper'] * 1e3:9.1f} ms   {t['linupper'] / t['uniform']:6.3f}× uniform (goal ≤ 1.01)")
     print(f"  {'titan_rw uniform':26s} {t['uniform'] * 1e3:9.1f} ms   {t['uniform'] / t['torchtitan']:6.3f}× TorchTitan (goal ≤ 1.02)")
     print(f"  {'stock TorchTitan trainer':26s} {t['torchtitan'] * 1e3:9.1f} ms")
+    if args.skip_scope:
+        return
+    s = bench_scope(args)
+    print(f"\nGradient accumulation, LinUpper, {args.accum} micro-batches of B={args.batch} per step "
+          f"(median of {args.repeats} × mean of {args.steps} steps)")
+    print(f"  {'scope microbatch':26s} {s['microbatch'] * 1e3:9.1f} ms")
+    print(f"  {'scope global_batch':26s} {s['global_batch'] * 1e3:9.1f} ms   "
+          f"{s['global_batch'] / s['microbatch']:6.3f}× microbatch (exact weights: + one no-grad forward)")
 
 
 if __name__ == "__main__":

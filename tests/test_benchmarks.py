@@ -31,7 +31,8 @@ def test_bench_step_quick(tmp_path):
     out = _run(["benchmarks/bench_step.py", "--quick", "--dump", str(tmp_path / "dump")], tmp_path, timeout=240)
     assert "Peak memory of loss + backward" in out
     for row in ("per-sample (titan_rw)", "TorchTitan chunked mean", "naive full logits",
-                "titan_rw linupper", "titan_rw uniform", "stock TorchTitan trainer"):
+                "titan_rw linupper", "titan_rw uniform", "stock TorchTitan trainer",
+                "scope microbatch", "scope global_batch"):
         assert row in out, out
 
 

@@ -217,7 +217,7 @@ def evaluate(model, batches, cfg: DupConfig) -> float:
     return tot / max(n, 1)
 
 
-def train_one(strategy: str, cfg: DupConfig, train_path: str, dup: set[str], val) -> dict:
+def train_one(strategy: str, cfg: DupConfig, train_path: str, dup: set[str], val, log=None) -> dict:
     from titan_rw.loss import per_sample_loss, reweighted_loss
 
     model = _build_model(cfg)
@@ -263,6 +263,8 @@ def train_one(strategy: str, cfg: DupConfig, train_path: str, dup: set[str], val
         share.append(q)
         if val and (step % cfg.eval_every == 0 or step == cfg.steps):
             val_curve.append((step, evaluate(model, val, cfg)))
+        if log is not None and step % max(cfg.steps // 4, 1) == 0 and step < cfg.steps:
+            log(f"  {strategy}: step {step}/{cfg.steps}, {time.perf_counter() - t0:.0f} s, loss {float(stats.mean_loss):.3f}")
     seconds = time.perf_counter() - t0
     return {
         "strategy": strategy,
@@ -413,7 +415,7 @@ def run(cfg: DupConfig, out_dir: str, *, log=print) -> tuple[list[dict], list[di
     val = validation_batches(cfg) if cfg.eval_every > 0 else []
     runs, summaries = [], []
     for s in cfg.strategies:
-        r = train_one(s, cfg, path, dup, val)
+        r = train_one(s, cfg, path, dup, val, log=log)
         runs.append(r)
         summaries.append(summarize(r))
         w = summaries[-1]["weight"]
