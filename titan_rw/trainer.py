@@ -333,7 +333,9 @@ class ReweightTrainer(Trainer):
                 plain.init_weights(buffer_device=None)
             sd = dict(plain.named_parameters())
         for name, p in model.named_parameters():
-            full = sd[name].detach() if rank0 else None
+            # activation checkpointing and per-block compile wrap modules and rename their parameters
+            plain_name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+            full = sd[plain_name].detach() if rank0 else None
             if isinstance(p, DTensor):
                 if full is None:
                     full = torch.empty(p.shape, dtype=p.dtype)
