@@ -11,8 +11,8 @@ mean step time after 2 warm-up steps:
   - LinUpper under gradient accumulation: reweight.scope global_batch vs microbatch (its cost)
   - peak memory of the per-sample loss path vs TorchTitan's chunked mean-loss path vs a naive
     full-logits per-sample CE (bytes allocated by the loss + backward, measured with
-    torch.cuda's allocator peak on GPU; on CPU a running sum of the profiler's allocation
-    events, which is only indicative — quote GPU numbers).
+    torch.cuda's allocator peak on GPU; on CPU the peak of live tensor storage counted at the
+    dispatcher, titan_rw.memtrack).
 Run it alone on the machine: on a shared 2-core CPU the step times are dominated by noise.
 """
 
@@ -124,17 +124,9 @@ def bench_memory(args):
             base = torch.cuda.memory_allocated()
             fn(); torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - base
-        from torch.profiler import ProfilerActivity, profile
+        from titan_rw.memtrack import peak_bytes  # live tensor storage, counted at the dispatcher
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        # peak of the running sum of allocations/frees
-        evs = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
-        cur = best = 0
-        for e in evs:
-            cur += e.cpu_memory_usage
-            best = max(best, cur)
-        return best
+        return peak_bytes(fn)
 
     def ours():
         h = h0.clone().requires_grad_()

@@ -1,4 +1,4 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))  # test helpers (memtrack) importable by name
+sys.path.insert(0, os.path.dirname(__file__))  # test helpers (obs_helpers, workers) importable by name

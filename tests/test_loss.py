@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from memtrack import peak_bytes
+from titan_rw.memtrack import peak_bytes
 from titan_rw.loss import IGNORE_INDEX, per_sample_loss, reweighted_loss
 from titan_rw.reweight import sample_weights
 

@@ -1,4 +1,6 @@
-"""Peak bytes of live CPU tensor storage, counted at the dispatcher (no timing, no mocks).
+"""Peak bytes of live CPU tensor storage, counted at the dispatcher (tests and benchmarks).
+
+On CUDA use `torch.cuda.max_memory_allocated`; this is for the CPU, which has no allocator stats.
 
 Every storage an aten op creates is counted once when it appears and released when its
 StorageImpl dies (PyTorch preserves the storage's Python object while C++ holds it, so
