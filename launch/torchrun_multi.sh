@@ -16,19 +16,9 @@ cd "$(dirname "$0")/.."
 : "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}"
 : "${NNODES:?set NNODES}"
 : "${NODE_RANK:?set NODE_RANK (0..NNODES-1)}"
-VENV=${VENV:-.venv}
-if [ -f "$VENV/bin/activate" ]; then
-  # shellcheck disable=SC1091
-  source "$VENV/bin/activate"
-fi
-config=train_configs/debug_cpu.toml
-if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then config=$1; shift; fi
-if [ -z "${NPROC_PER_NODE:-}" ]; then
-  NPROC_PER_NODE=$(python -c 'import torch; print(torch.cuda.device_count() or 1)')
-fi
-entry=(-m titan_rw.train)
-if [ -n "${TRAIN_SCRIPT:-}" ]; then entry=("$TRAIN_SCRIPT"); fi
-export PYTHONUNBUFFERED=1
+default_nproc=1
+# shellcheck source=launch/_torchrun_common.sh
+source launch/_torchrun_common.sh  # VENV, $config (optional first argument), NPROC_PER_NODE, entry
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}

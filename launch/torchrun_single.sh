@@ -8,19 +8,9 @@
 # Resume: re-run the same command; the trainer resumes from <dump_folder>/checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
-if [ -f "$VENV/bin/activate" ]; then
-  # shellcheck disable=SC1091
-  source "$VENV/bin/activate"
-fi
-config=train_configs/debug_cpu.toml
-if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then config=$1; shift; fi
-if [ -z "${NPROC_PER_NODE:-}" ]; then
-  NPROC_PER_NODE=$(python -c 'import torch; print(torch.cuda.device_count() or 2)')
-fi
-entry=(-m titan_rw.train)
-if [ -n "${TRAIN_SCRIPT:-}" ]; then entry=("$TRAIN_SCRIPT"); fi
-export PYTHONUNBUFFERED=1
+default_nproc=2
+# shellcheck source=launch/_torchrun_common.sh
+source launch/_torchrun_common.sh  # VENV, $config (optional first argument), NPROC_PER_NODE, entry
 exec python -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NPROC_PER_NODE" \
   --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="${SHUTDOWN_TIMEOUT:-120}" \
   "${entry[@]}" --config "$config" "$@"
