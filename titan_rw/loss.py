@@ -127,6 +127,13 @@ class WeightStats:
     weighted_loss: torch.Tensor  # sum_i w_i f_i over the group
     mean_loss: torch.Tensor  # unweighted mean over valid samples
 
+    @classmethod
+    def of(cls, losses: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor) -> "WeightStats":
+        b = valid.sum()
+        clean = torch.where(valid, losses, 0.0)
+        return cls(losses=losses, weights=weights, valid=valid, b=b, max_weight=weights.max(),
+                   weighted_loss=(weights * clean).sum(), mean_loss=clean.sum() / b.clamp(min=1))
+
 
 def gather_losses(local: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """All-gather a 1-D tensor over the data-parallel group, in group-rank order."""
@@ -161,15 +168,4 @@ def reweighted_loss(
     w_local = w[dp_rank * b_local : (dp_rank + 1) * b_local]  # by DP-mesh rank, never LOCAL_RANK
     # A non-finite sample has weight 0, but 0 * nan is nan: select, don't multiply.
     loss = torch.where(w_local > 0, w_local * local_losses.float(), 0.0).sum()
-    b = ok_all.sum()
-    clean = torch.where(ok_all, losses, 0.0)
-    stats = WeightStats(
-        losses=losses,
-        weights=w,
-        valid=ok_all,
-        b=b,
-        max_weight=w.max(),
-        weighted_loss=(w * clean).sum(),
-        mean_loss=clean.sum() / b.clamp(min=1),
-    )
-    return loss, stats
+    return loss, WeightStats.of(losses, w, ok_all)

@@ -55,7 +55,7 @@ from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
 from titan_rw import compat
-from titan_rw.loss import IGNORE_INDEX, gather_losses, per_sample_loss, reweighted_loss
+from titan_rw.loss import IGNORE_INDEX, WeightStats, gather_losses, per_sample_loss, reweighted_loss
 from titan_rw.observability import RunLogger, tb_writer_of
 from titan_rw.progress import Progress
 from titan_rw.reweight import STRATEGIES, TemperatureSchedule, sample_weights
@@ -412,16 +412,7 @@ class ReweightTrainer(Trainer):
         w = sample_weights(f, self.rw.strategy, self._temperature_t, cap=self.rw.cap, valid=ok)
         self._fixed_weights = list(w.view(k, dp, b_l)[:, self.dp_rank])
         self._mb_index = 0
-        b = ok.sum()
-        clean = torch.where(ok, f, 0.0)
-        from titan_rw.loss import WeightStats
-
-        self._groups.append(
-            WeightStats(
-                losses=f, weights=w, valid=ok, b=b, max_weight=w.max(),
-                weighted_loss=(w * clean).sum(), mean_loss=clean.sum() / b.clamp(min=1),
-            )
-        )
+        self._groups.append(WeightStats.of(f, w, ok))
 
     # ------------------------------------------------------------------ the optimizer step
     def _set_temperature(self, temperature: float) -> None:
