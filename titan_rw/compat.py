@@ -1,4 +1,4 @@
-"""TorchTitan 0.3.0 on the torch it meets: the six patches of DESIGN.md §3, in one place.
+"""TorchTitan 0.3.0 on the torch it meets: every compatibility patch, in one place.
 
 `apply()` runs once, from `titan_rw/__init__.py`, before any torchtitan import. It imports
 no torchtitan module itself: patches that must touch a torchtitan module are installed
@@ -20,6 +20,19 @@ is guarded and does nothing where it is not needed:
 6. ``force_sum_reduce`` no accelerator (gloo has no PREMUL_SUM) → after TorchTitan disables
                          FSDP's gradient division, also force SUM reductions for comms.
 
+Older torch (2.11, 2.12; TorchTitan 0.3.0 is written against 2.13):
+
+7. ``mesh_dims_standin`` `torch.distributed.fsdp` lacks `DataParallelMeshDims` → a stand-in, so
+                         TorchTitan imports; building one (only the full_dtensor / spmd_types
+                         backends do, which patch 5 avoids) raises a clear error.
+8. ``block_mask_kwargs`` `create_block_mask` lacks torch 2.13's `separate_full_blocks`,
+                         `compute_dq_write_order`, `dq_kv_order` → a wrapper drops them at their
+                         defaults (the older torch's only behaviour) and refuses other values.
+                         FlexAttention, the GPU default, builds its document mask through it.
+9. ``trunc_normal_2_13`` torch < 2.13 → `nn.init.trunc_normal_` samples as torch 2.13 does
+                         (rejection sampling instead of the inverse CDF), so one seed gives the
+                         same initial weights on both; off with TITAN_RW_TRUNC_NORMAL_2_13=0.
+
 `applied_patches()` lists the names applied; one INFO line names them.
 """
 
@@ -29,8 +42,12 @@ import dataclasses
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import inspect
 import logging
+import math
+import os
 import sys
+import warnings
 import types
 from collections.abc import Callable
 
@@ -306,6 +323,148 @@ def _patch_force_sum_reduce() -> bool:
     return True
 
 
+# ------------------------------------------------------------------------------ patch 7
+@dataclasses.dataclass(frozen=True)
+class DataParallelMeshDims:
+    """Stand-in for torch 2.13's `torch.distributed.fsdp.DataParallelMeshDims` (titan_rw.compat,
+    patch 7). TorchTitan only names it in annotations and builds one for the full_dtensor /
+    spmd_types backends, whose `fully_shard(dp_mesh_dims=...)` this torch does not have."""
+
+    shard: str | tuple[str, ...] | None = None
+    replicate: str | tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        raise NotImplementedError(
+            f"torch {torch.__version__} has no DataParallelMeshDims: its fully_shard cannot take "
+            "dp_mesh_dims, which TorchTitan's full_dtensor/spmd_types backends need (torch >= 2.13). "
+            "Set [parallelism] spmd_backend = \"partial_dtensor\" (titan_rw's default on torch < 2.14) "
+            "or use torch 2.13."
+        )
+
+
+def _patch_mesh_dims_standin() -> bool:
+    import torch.distributed.fsdp as fsdp
+
+    if hasattr(fsdp, "DataParallelMeshDims"):
+        return False
+    DataParallelMeshDims.__titan_rw_standin__ = True
+    fsdp.DataParallelMeshDims = DataParallelMeshDims
+    return True
+
+
+# ------------------------------------------------------------------------------ patch 8
+# torch 2.13's new create_block_mask keywords and their defaults: the defaults are what
+# torch 2.11/2.12 always do (full blocks stored apart, no dQ write-order metadata).
+BLOCK_MASK_KWARG_DEFAULTS = {"separate_full_blocks": True, "compute_dq_write_order": False, "dq_kv_order": True}
+
+
+def _tolerant_create_block_mask(original: Callable) -> Callable:
+    params = list(inspect.signature(original).parameters)  # mask_mod .. _compile, in order
+
+    def create_block_mask(*args, **kwargs):
+        extra = dict(zip(BLOCK_MASK_KWARG_DEFAULTS, args[len(params):]))  # passed by position
+        args = args[: len(params)]
+        for key in BLOCK_MASK_KWARG_DEFAULTS:
+            if key in kwargs:
+                extra[key] = kwargs.pop(key)
+        for key, value in extra.items():
+            if value != BLOCK_MASK_KWARG_DEFAULTS[key]:
+                raise NotImplementedError(
+                    f"create_block_mask({key}={value!r}) needs torch >= 2.13; torch {torch.__version__} "
+                    f"only does {key}={BLOCK_MASK_KWARG_DEFAULTS[key]!r} (titan_rw.compat, patch 8). "
+                    "TorchTitan passes separate_full_blocks=False in batch-invariant mode: turn that off "
+                    "or use torch 2.13."
+                )
+        return original(*args, **kwargs)
+
+    create_block_mask.__wrapped__ = original
+    create_block_mask.__doc__ = original.__doc__
+    create_block_mask.__titan_rw_patched__ = True
+    return create_block_mask
+
+
+def _patch_block_mask_kwargs() -> bool:
+    from torch.nn.attention import flex_attention
+
+    original = flex_attention.create_block_mask
+    if getattr(original, "__titan_rw_patched__", False):
+        return False
+    if "separate_full_blocks" in inspect.signature(original).parameters:
+        return False
+    # Before TorchTitan imports it (`from ... import create_block_mask`, then torch.compile of it).
+    flex_attention.create_block_mask = _tolerant_create_block_mask(original)
+    return True
+
+
+# ------------------------------------------------------------------------------ patch 9
+def _log_density_minus_peak(x: torch.Tensor, mean: float, std: float, log_peak: float) -> torch.Tensor:
+    """In place: the normal's log density at x (up to its constant) minus its value at the mode."""
+    return x.sub_(mean).div_(std).pow_(2).mul_(-0.5).sub_(log_peak)
+
+
+def trunc_normal_2_13(tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: float = 2.0, generator=None):
+    """`torch.nn.init.trunc_normal_` as torch 2.13 samples it, op for op (so bitwise the same draws
+    from the same generator state). Where the interval holds more than 30 % of the normal's mass:
+    draw normals and redraw those outside [a, b] until none is; otherwise propose uniformly on
+    [a, b] and accept with the density ratio to the mode. torch 2.11/2.12 use the inverse CDF of
+    a uniform draw instead: right distribution, different numbers."""
+    if tensor.is_meta:
+        return tensor
+    if mean < a - 2 * std or mean > b + 2 * std:
+        warnings.warn(
+            "mean is more than 2 std from [a, b] in nn.init.trunc_normal_. "
+            "The distribution of values may be incorrect.",
+            stacklevel=2,
+        )
+
+    def phi(x: float) -> float:
+        return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
+
+    with torch.no_grad():
+        if phi((b - mean) / std) - phi((a - mean) / std) > 0.3:
+            lo = tensor.new_tensor(a, device="cpu").item()  # the bounds in the tensor's dtype
+            hi = tensor.new_tensor(b, device="cpu").item()
+            draws = tensor.normal_(mean, std, generator=generator)
+            while True:
+                outside = (draws < lo) | (draws > hi)
+                if not outside.any():
+                    break
+                redraw = torch.empty_like(draws).normal_(mean, std, generator=generator)
+                draws = torch.where(outside, redraw, draws)
+            if draws is not tensor:
+                tensor.copy_(draws)
+            return tensor
+
+        mode = max(a, min(mean, b))
+        log_peak = -0.5 * ((mode - mean) / std) ** 2
+        proposal = torch.empty_like(tensor)
+        coin = torch.empty_like(tensor)
+        tensor.uniform_(a, b, generator=generator)
+        proposal.copy_(tensor)
+        _log_density_minus_peak(proposal, mean, std, log_peak)
+        rejected = coin.uniform_(generator=generator).log_().gt(proposal)
+        if rejected.any():
+            result = tensor
+            while True:
+                proposal.uniform_(a, b, generator=generator)
+                result = torch.where(rejected, proposal, result)
+                _log_density_minus_peak(proposal, mean, std, log_peak)
+                rejected = torch.where(rejected, coin.uniform_(generator=generator).log_().gt(proposal), rejected)
+                if not rejected.any():
+                    break
+            tensor.copy_(result)
+        return tensor
+
+
+def _patch_trunc_normal_2_13() -> bool:
+    if not torch_before(2, 13) or os.environ.get("TITAN_RW_TRUNC_NORMAL_2_13", "1") == "0":
+        return False
+    # Before TorchTitan binds it (`partial(nn.init.trunc_normal_, std=...)` at import).
+    trunc_normal_2_13.__wrapped__ = torch.nn.init.trunc_normal_
+    torch.nn.init.trunc_normal_ = trunc_normal_2_13
+    return True
+
+
 _PATCHES: tuple[tuple[str, Callable[[], bool]], ...] = (
     ("triton_stub", _patch_triton_stub),
     ("cpu_device", _patch_cpu_device),
@@ -313,6 +472,9 @@ _PATCHES: tuple[tuple[str, Callable[[], bool]], ...] = (
     ("sdpa_attention", _patch_sdpa_attention),
     ("partial_dtensor", _patch_partial_dtensor),
     ("force_sum_reduce", _patch_force_sum_reduce),
+    ("mesh_dims_standin", _patch_mesh_dims_standin),
+    ("block_mask_kwargs", _patch_block_mask_kwargs),
+    ("trunc_normal_2_13", _patch_trunc_normal_2_13),
 )
 
 
