@@ -33,11 +33,19 @@ Older torch (2.11, 2.12; TorchTitan 0.3.0 is written against 2.13):
                          (rejection sampling instead of the inverse CDF), so one seed gives the
                          same initial weights on both; off with TITAN_RW_TRUNC_NORMAL_2_13=0.
 
+Lean environments (the GPU check's image: torch and the wheels of benchmarks/gpu_wheelhouse.sh):
+
+10. ``hf_datasets_absent`` Hugging Face `datasets` is not importable → TorchTitan's HF text loader
+                         module (`torchtitan.hf_datasets.text_datasets`: imported by its validator,
+                         never used by titan_rw, which has its own loader) imports with placeholders
+                         that raise a clear error when called. Saves `datasets`, pyarrow, pandas, ...
+
 `applied_patches()` lists the names applied; one INFO line names them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.abc
 import importlib.machinery
@@ -120,7 +128,8 @@ class _PatchingLoader(importlib.abc.Loader):
         return self._inner.create_module(spec)
 
     def exec_module(self, module):
-        self._inner.exec_module(module)
+        with _pre_hooks(self._name):
+            self._inner.exec_module(module)
         _run_hooks(self._name, module)
 
     def __getattr__(self, item):  # get_source, get_code, ... for tracebacks/inspect
@@ -130,6 +139,29 @@ class _PatchingLoader(importlib.abc.Loader):
 def _run_hooks(name: str, module: types.ModuleType) -> None:
     for fn in _hooks.get(name, []):
         fn(module)
+
+
+_pre: dict[str, list[Callable[[], contextlib.AbstractContextManager]]] = {}
+
+
+@contextlib.contextmanager
+def _pre_hooks(name: str):
+    """Context managers registered by `_while_importing`, entered around a module's code."""
+    with contextlib.ExitStack() as stack:
+        for make in _pre.get(name, []):
+            stack.enter_context(make())
+        yield
+
+
+def _while_importing(name: str, make: Callable[[], contextlib.AbstractContextManager]) -> None:
+    """Run the module `name`'s code inside `make()` (e.g. with a placeholder in sys.modules)."""
+    if name in sys.modules:
+        return
+    _pre.setdefault(name, [])
+    _pre[name].append(make)
+    _hooks.setdefault(name, [])
+    if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PostImportFinder())
 
 
 def _after_import(name: str, fn: Callable[[types.ModuleType], None]) -> None:
@@ -465,6 +497,65 @@ def _patch_trunc_normal_2_13() -> bool:
     return True
 
 
+# ----------------------------------------------------------------------------- patch 10
+_HF_TEXT = "torchtitan.hf_datasets.text_datasets"
+
+
+def _datasets_placeholder(name: str) -> types.ModuleType:
+    mod = types.ModuleType(name)
+    mod.__file__ = __file__
+    mod.__path__ = []
+    mod.__titan_rw_stub__ = True
+
+    def __getattr__(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+
+        def _missing(*args, **kwargs):
+            raise RuntimeError(
+                f"{name}.{attr} needs the Hugging Face `datasets` package, which is not installed "
+                f"(titan_rw.compat, patch 10: {_HF_TEXT} imported without it). TorchTitan's HF text "
+                "loader and validator are unavailable; titan_rw's own loader does not need it: "
+                "pip install datasets to use them."
+            )
+
+        # a class, so `isinstance(x, Dataset)` in the loader's code stays valid (and False)
+        return type(attr, (), {"__init__": _missing, "__module__": name}) if attr[:1].isupper() else _missing
+
+    mod.__getattr__ = __getattr__
+    return mod
+
+
+@contextlib.contextmanager
+def _without_datasets():
+    names = ("datasets", "datasets.distributed")
+    saved = {n: sys.modules.get(n) for n in names}
+    sys.modules["datasets"] = _datasets_placeholder("datasets")
+    sys.modules["datasets.distributed"] = _datasets_placeholder("datasets.distributed")
+    try:
+        yield
+    finally:  # only TorchTitan's module keeps the placeholders; `import datasets` still fails
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+
+
+def _datasets_importable() -> bool:
+    try:
+        return importlib.util.find_spec("datasets") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _patch_hf_datasets_absent() -> bool:
+    if _datasets_importable() or _HF_TEXT in sys.modules:
+        return False
+    _while_importing(_HF_TEXT, _without_datasets)
+    return True
+
+
 _PATCHES: tuple[tuple[str, Callable[[], bool]], ...] = (
     ("triton_stub", _patch_triton_stub),
     ("cpu_device", _patch_cpu_device),
@@ -475,6 +566,7 @@ _PATCHES: tuple[tuple[str, Callable[[], bool]], ...] = (
     ("mesh_dims_standin", _patch_mesh_dims_standin),
     ("block_mask_kwargs", _patch_block_mask_kwargs),
     ("trunc_normal_2_13", _patch_trunc_normal_2_13),
+    ("hf_datasets_absent", _patch_hf_datasets_absent),
 )
 
 
