@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
-# GPU check: the Llama 1.4B flavor, a few compiled bf16 steps with FSDP on every visible GPU,
-# uniform then LinUpper, through the real trainer (benchmarks/gpu_step.py wraps its train_step
-# with a timer). Prints tokens/s/GPU, MFU, peak memory and the LinUpper/uniform overhead.
+# GPU check, in two parts, sized for 8 minutes of wall time on one GPU, compile included
+# (docs/performance.md says how):
+#   1. a smoke (~1 min): the debug flavor, eager, 5 steps through the real trainer: finite losses,
+#      weights summing to 1 per group, no CUDA-graph capture of the step, the document mask on (on GPU
+#      TorchTitan's FlexAttention document mask); the check stops here when it fails;
+#   2. the Llama 1.4B flavor, a few compiled bf16 steps with FSDP on every visible GPU, uniform then
+#      LinUpper, through the real trainer (benchmarks/gpu_step.py wraps its train_step with a timer).
+#      Prints tokens/s/GPU, MFU, peak memory and the LinUpper/uniform overhead.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR] [--section.key value ...]
 #
-# Needs: the repo and its .venv already set up (torch with CUDA, torchtitan); no network, installs
-# nothing. Data: the embedded corpus (train_configs/llama_1p4b.toml's default loader).
+# Needs: Python with a CUDA torch 2.11-2.13, the repo, and titan_rw's imports. On a machine without
+# network whose Python has torch but not TorchTitan &c.: carry the folder benchmarks/gpu_wheelhouse.sh
+# made (WHEELHOUSE, default .gpu_wheelhouse) and this script installs from it what the imports lack
+# (pip --no-index --no-deps --target SITE, default .gpu_site, put on PYTHONPATH); never torch.
+# Data: the embedded corpus (train_configs/llama_1p4b.toml's default loader).
 # Environment knobs (defaults): NPROC (nvidia-smi -L | wc -l), CONFIG (train_configs/llama_1p4b.toml),
-# STEPS (12), WARMUP (4: steps not timed: compilation), SEQ (8192), LOCAL_BATCH (2),
-# RUN_TIMEOUT (1200 s per run), PYTHON (python). Extra --section.key value arguments go to both
-# runs after ours (they win), e.g. `--activation_checkpoint.mode full`.
-# Exit status: 0 when both runs produced a result, 1 otherwise.
+# STEPS (10), WARMUP (3: steps not timed: compilation), SEQ (8192), LOCAL_BATCH (2),
+# RUN_TIMEOUT (170 s per 1.4B run), SMOKE (1: run the smoke first; 0: skip it), SMOKE_CONFIG
+# (train_configs/debug_cpu.toml), SMOKE_STEPS (5), SMOKE_SEQ (2048), SMOKE_TIMEOUT (120 s),
+# PYTHON (python), WHEELHOUSE, SITE, ALLOW_CPU (0; 1: run on a torch without CUDA, for plumbing tests).
+# Extra --section.key value arguments go to the 1.4B runs after ours (they win), e.g.
+# `--activation_checkpoint.mode full`.
+# Exit status: 0 when the smoke passed and both runs produced a result, 1 otherwise.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,11 +36,92 @@ OUT="${1:-outputs/gpu_check-$(date +%Y%m%d-%H%M%S)}"
 if [[ $# -gt 0 ]]; then shift; fi
 PYTHON="${PYTHON:-python}"
 CONFIG="${CONFIG:-train_configs/llama_1p4b.toml}"
-STEPS="${STEPS:-12}"
-WARMUP="${WARMUP:-4}"
+STEPS="${STEPS:-10}"
+WARMUP="${WARMUP:-3}"
 SEQ="${SEQ:-8192}"
 LOCAL_BATCH="${LOCAL_BATCH:-2}"
-RUN_TIMEOUT="${RUN_TIMEOUT:-1200}"
+RUN_TIMEOUT="${RUN_TIMEOUT:-170}"
+SMOKE="${SMOKE:-1}"
+SMOKE_CONFIG="${SMOKE_CONFIG:-train_configs/debug_cpu.toml}"
+SMOKE_STEPS="${SMOKE_STEPS:-5}"
+SMOKE_SEQ="${SMOKE_SEQ:-2048}"
+SMOKE_TIMEOUT="${SMOKE_TIMEOUT:-120}"
+WHEELHOUSE="${WHEELHOUSE:-$ROOT/.gpu_wheelhouse}"
+SITE="${SITE:-$ROOT/.gpu_site}"
+ALLOW_CPU="${ALLOW_CPU:-0}"
+
+# torch: present, in the tested range, with CUDA (one line when not)
+if ! "$PYTHON" - "$ALLOW_CPU" <<'EOF'
+import sys
+try:
+    import torch
+except Exception as e:  # noqa: BLE001
+    sys.exit(f"gpu_check: unusable torch: {sys.executable} cannot import torch ({type(e).__name__}: {e}); "
+             "install a CUDA torch 2.11-2.13 first (it cannot travel in the wheelhouse)")
+v = torch.__version__.split("+")[0].split(".")
+try:
+    ok = (2, 11) <= (int(v[0]), int(v[1])) < (2, 14)
+except (ValueError, IndexError):
+    ok = False
+if not ok:
+    sys.exit(f"gpu_check: unusable torch: {torch.__version__} is outside the range titan_rw is tested on (2.11-2.13)")
+if sys.argv[1] != "1" and not torch.cuda.is_available():
+    sys.exit(f"gpu_check: unusable torch: {torch.__version__} sees no CUDA device (built for CUDA "
+             f"{torch.version.cuda}); set ALLOW_CPU=1 only to test this script's plumbing")
+EOF
+then
+    exit 1
+fi
+
+# titan_rw's imports: install what is missing from the wheelhouse
+IMPORTS='import titan_rw, titan_rw.config, titan_rw.trainer, titan_rw.data.loader, torchtitan.trainer, torch.utils.tensorboard'
+export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PYTHON" -c "$IMPORTS" >/dev/null 2>&1; then
+    shopt -s nullglob
+    wheels=("$WHEELHOUSE"/*.whl)
+    shopt -u nullglob
+    if [[ ${#wheels[@]} -eq 0 ]]; then
+        err=$("$PYTHON" -c "$IMPORTS" 2>&1 || true)
+        echo "gpu_check: titan_rw's imports fail ($(echo "$err" | tail -1)) and there is no wheelhouse at $WHEELHOUSE (make one with benchmarks/gpu_wheelhouse.sh)" >&2
+        exit 1
+    fi
+    # only the distributions this Python lacks (it keeps its own numpy, protobuf, ...)
+    mapfile -t missing < <("$PYTHON" - "${wheels[@]}" <<'EOF'
+import importlib.metadata as md, os, re, sys
+for w in sys.argv[1:]:
+    name = os.path.basename(w).split("-")[0]
+    try:
+        md.version(re.sub(r"[-_.]+", "-", name))
+    except md.PackageNotFoundError:
+        print(w)
+EOF
+    )
+    if [[ ${#missing[@]} -gt 0 ]]; then
+        echo "gpu_check: installing ${#missing[@]} wheel(s) from $WHEELHOUSE into $SITE"
+        mkdir -p "$SITE"
+        if "$PYTHON" -m pip --version >/dev/null 2>&1; then
+            "$PYTHON" -m pip install --quiet --no-index --no-deps --target "$SITE" "${missing[@]}"
+        else  # no pip: a wheel is a zip of its import tree
+            for w in "${missing[@]}"; do "$PYTHON" -m zipfile -e "$w" "$SITE"; done
+        fi
+    fi
+    if ! err=$("$PYTHON" -c "$IMPORTS" 2>&1); then
+        echo "gpu_check: titan_rw's imports still fail after the wheelhouse: $(echo "$err" | tail -1)" >&2
+        exit 1
+    fi
+fi
+
+# titan_rw reads the embedded corpus (parquet) with pyarrow; without it, the wheelhouse's token shards
+DATA_ARGS=()
+if ! "$PYTHON" -c 'import pyarrow' >/dev/null 2>&1; then
+    if ! find "$WHEELHOUSE/corpus" -name '*.ds' 2>/dev/null | grep -q .; then
+        echo "gpu_check: no pyarrow to read the embedded corpus and no token shards in $WHEELHOUSE/corpus (benchmarks/gpu_wheelhouse.sh makes them)" >&2
+        exit 1
+    fi
+    echo "gpu_check: no pyarrow: training on the embedded corpus tokenized in $WHEELHOUSE/corpus"
+    DATA_ARGS=(--data.dataset_path "$WHEELHOUSE/corpus")
+fi
+
 if [[ -z "${NPROC:-}" ]]; then
     if ! command -v nvidia-smi >/dev/null 2>&1; then
         echo "gpu_check: nvidia-smi not found; set NPROC to run anyway" >&2
@@ -48,6 +140,9 @@ fi
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export PYTHONUNBUFFERED=1
+# one compile cache for all runs: the LinUpper run reuses the uniform run's compiled blocks
+TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$(cd "$OUT" && pwd)/inductor_cache}"
+export TORCHINDUCTOR_CACHE_DIR
 
 echo "gpu_check: $NPROC process(es), $CONFIG, $STEPS steps ($WARMUP untimed), seq $SEQ, local batch $LOCAL_BATCH -> $OUT"
 if command -v nvidia-smi >/dev/null 2>&1; then
@@ -55,13 +150,57 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 fi
 "$PYTHON" -c 'import torch, torchtitan; print("torch", torch.__version__, "cuda", torch.version.cuda, "torchtitan", getattr(torchtitan, "__version__", "?"))' || true
 
+if [[ "$SMOKE" == 1 ]]; then
+    port=$(( 29500 + RANDOM % 2000 ))
+    echo "=== smoke: $SMOKE_CONFIG, eager, $SMOKE_STEPS steps, seq $SMOKE_SEQ (timeout ${SMOKE_TIMEOUT}s, log $OUT/smoke.log)"
+    rm -f "$OUT/smoke.json"
+    set +e
+    timeout --signal=TERM --kill-after=30 "$SMOKE_TIMEOUT" \
+        "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" --master_port="$port" \
+        benchmarks/gpu_step.py --smoke --config "$SMOKE_CONFIG" --warmup 1 --out "$OUT/smoke.json" \
+        --job.dump_folder "$OUT/smoke" \
+        --training.steps "$SMOKE_STEPS" \
+        --training.seq_len "$SMOKE_SEQ" \
+        --training.local_batch_size 4 \
+        --training.global_batch_size "$(( 8 * NPROC ))" \
+        --reweight.warmup_steps 0 \
+        --reweight.log_interval 1 \
+        --compile.enable false \
+        --checkpoint.enable false \
+        --metrics.enable_tensorboard false \
+        ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} > "$OUT/smoke.log" 2>&1
+    rc=$?
+    set -e
+    if ! "$PYTHON" - "$OUT/smoke.json" "$rc" <<'EOF'
+import json, os, sys
+
+path, rc = sys.argv[1], int(sys.argv[2])
+if not os.path.exists(path):
+    sys.exit(f"gpu_check: smoke produced no result (exit {rc}); see {os.path.dirname(path)}/smoke.log")
+with open(path) as fh:
+    s = json.load(fh)["smoke"]
+for name, c in s.items():
+    if not isinstance(c, dict):
+        continue
+    detail = {k: v for k, v in c.items() if k not in ("ok", "required", "sums", "logged_losses")}
+    tag = "ok" if c["ok"] else ("FAILED" if c.get("required", True) else "failed (not required here)")
+    print(f"smoke: {name:17s} {tag}  {json.dumps(detail)}")
+if not s["ok"] or rc != 0:
+    sys.exit(f"gpu_check: smoke FAILED (exit {rc}); see {os.path.dirname(path)}/smoke.log")
+print("smoke: ok")
+EOF
+    then
+        exit 1
+    fi
+fi
+
 failed=0
 for strategy in uniform linupper; do
     port=$(( 29500 + RANDOM % 2000 ))
     echo "=== $strategy (timeout ${RUN_TIMEOUT}s, log $OUT/$strategy.log)"
     rm -f "$OUT/$strategy.json"
     set +e
-    timeout --signal=TERM --kill-after=60 "$RUN_TIMEOUT" \
+    timeout --signal=TERM --kill-after=20 "$RUN_TIMEOUT" \
         "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" --master_port="$port" \
         benchmarks/gpu_step.py --config "$CONFIG" --warmup "$WARMUP" --out "$OUT/$strategy.json" \
         --job.dump_folder "$OUT/$strategy" \
@@ -78,6 +217,7 @@ for strategy in uniform linupper; do
         --training.mixed_precision_param bfloat16 \
         --checkpoint.enable false \
         --metrics.enable_tensorboard false \
+        ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} \
         "$@" 2>&1 | tee "$OUT/$strategy.log"
     rc=${PIPESTATUS[0]}
     set -e

@@ -16,6 +16,18 @@ Builds the run exactly as `python -m titan_rw.train` does (`titan_rw.config.from
 - peak memory (max over ranks): torch.cuda max_memory_allocated / max_memory_reserved over the
   timed steps (reset after the warm-up), and over the whole run;
 - the last metrics.jsonl row's loss / max weight (a sanity check that the run trained).
+
+With `--smoke` (gpu_check.sh's first, short run) it also checks, and records under "smoke" with
+"ok" (exit 1 when a check fails):
+
+- finite_losses: every step's per-sample losses (valid samples) and logged loss are finite;
+- weights_sum_to_1: the weights of every reweighting group of every step sum to 1 (fp32 tolerance);
+- no_graph_capture: the step body is the trainer's plain `_forward_backward_body` (not TorchTitan's
+  CUDA-graph wrapper) and its Python ran for every micro-batch of every step (a replay would not);
+- document_mask: a row of two documents through the trained model, as training feeds it
+  (`post_dataloading_process`: on GPU TorchTitan's FlexAttention document mask): the second
+  document's hidden states do not change when the first document's tokens do. Required on CUDA;
+  on CPU reported only (the CPU attention is titan_rw's own).
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ def _parse(argv):
     p.add_argument("--config", required=True)
     p.add_argument("--warmup", type=int, default=4, help="steps excluded from the timing (default 4)")
     p.add_argument("--out", required=True, help="JSON written by rank 0")
+    p.add_argument("--smoke", action="store_true", help="also run the smoke checks (see the module doc)")
     return p.parse_known_args(argv)
 
 
@@ -48,6 +61,40 @@ def _last_metrics(path: str) -> dict:
         return json.loads(lines[-1]) if lines else {}
     except (OSError, ValueError):
         return {}
+
+
+def _all_metrics(path: str) -> list[dict]:
+    try:
+        with open(path) as fh:
+            return [json.loads(ln) for ln in fh if ln.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def _document_isolation(trainer) -> dict:
+    """Hidden states of document B in a row [A | B] with A's tokens changed: max |difference|."""
+    L = trainer.config.training.seq_len
+    half = L // 2
+    vocab = trainer.model_config.vocab_size
+    g = torch.Generator().manual_seed(1234)
+    row = torch.randint(1, vocab, (1, L), generator=g)
+    other = row.clone()
+    other[0, :half] = torch.randint(1, vocab, (half,), generator=g)
+    positions = torch.cat([torch.arange(half), torch.arange(L - half)]).unsqueeze(0)
+    outs = []
+    model = trainer.model_parts[0]
+    with torch.no_grad():
+        for tokens in (row, other):
+            input_dict = {"input": tokens.to(trainer.device), "positions": positions.to(trainer.device)}
+            inputs, _, extra = trainer.post_dataloading_process(input_dict, tokens.to(trainer.device))
+            with trainer.train_context():
+                outs.append(model(inputs, **extra).float())
+    diff_b = (outs[0][:, half:] - outs[1][:, half:]).abs().max()
+    diff_a = (outs[0][:, :half] - outs[1][:, :half]).abs().max()
+    scale = outs[0][:, half:].abs().max()
+    return {"max_diff_doc_b": float(diff_b), "max_diff_doc_a": float(diff_a), "scale": float(scale),
+            "attention_masks": type(extra.get("attention_masks")).__name__,
+            "inner_attention": type(trainer.model_config.first_attention.inner_attention).__qualname__}
 
 
 def main(argv=None) -> int:
@@ -80,10 +127,16 @@ def main(argv=None) -> int:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        if args.smoke:  # after the timing: what the step's Python did (device tensors, read at the end)
+            probes["fb_calls"].append(trainer._fb_calls)
+            probes["weight_sums"].append([grp.weights.sum() for grp in trainer._groups])
+            probes["losses_finite"].append([bool(torch.isfinite(grp.losses[grp.valid]).all()) for grp in trainer._groups])
 
+    probes: dict[str, list] = {"fb_calls": [], "weight_sums": [], "losses_finite": []}
     trainer.train_step = timed  # Trainer.train() calls self.train_step(...)
     try:
         trainer.train()
+        smoke = _smoke(trainer, probes, cuda) if args.smoke else None
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         mem = [0.0, 0.0, 0.0, 0.0]
@@ -134,6 +187,14 @@ def main(argv=None) -> int:
             "last_metrics": _last_metrics(getattr(trainer, "metrics_path", os.path.join(cfg.dump_folder, "metrics.jsonl"))),
             "torch": torch.__version__,
         }
+        if smoke is not None:
+            rows = _all_metrics(getattr(trainer, "metrics_path", os.path.join(cfg.dump_folder, "metrics.jsonl")))
+            logged = [r.get("loss") for r in rows if "loss" in r]
+            smoke["finite_losses"]["logged_losses"] = logged
+            smoke["finite_losses"]["ok"] = bool(
+                smoke["finite_losses"]["ok"] and logged and all(isinstance(v, float) and v == v and abs(v) != float("inf") for v in logged))
+            smoke["ok"] = all(c["ok"] for k, c in smoke.items() if isinstance(c, dict) and c.get("required", True))
+            result["smoke"] = smoke
         if rank == 0:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w") as fh:
@@ -146,7 +207,25 @@ def main(argv=None) -> int:
         trainer.close()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    return 0
+    return 1 if (args.smoke and not result["smoke"]["ok"]) else 0
+
+
+def _smoke(trainer, probes: dict, cuda: bool) -> dict:
+    k = trainer.gradient_accumulation_steps
+    sums = [[float(s) for s in step] for step in probes["weight_sums"]]
+    plain = trainer.fwd_bwd_fn == trainer._forward_backward_body
+    iso = _document_isolation(trainer)
+    tol = 1e-5 * max(iso["scale"], 1.0)
+    return {
+        "finite_losses": {"ok": bool(probes["losses_finite"]) and all(all(s) for s in probes["losses_finite"])},
+        "weights_sum_to_1": {"ok": bool(sums) and all(step and all(abs(x - 1.0) < 1e-4 for x in step) for step in sums),
+                             "sums": sums},
+        "no_graph_capture": {"ok": plain and probes["fb_calls"] == [k] * len(probes["fb_calls"]),
+                             "fwd_bwd_fn": type(trainer.fwd_bwd_fn).__name__ if not plain else "_forward_backward_body",
+                             "body_calls_per_step": probes["fb_calls"], "micro_batches": k},
+        "document_mask": {**iso, "ok": iso["max_diff_doc_b"] <= tol and iso["max_diff_doc_a"] > tol,
+                          "tolerance": tol, "required": cuda},
+    }
 
 
 if __name__ == "__main__":

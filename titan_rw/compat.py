@@ -1,4 +1,4 @@
-"""TorchTitan 0.3.0 on the torch it meets: the six patches of DESIGN.md §3, in one place.
+"""TorchTitan 0.3.0 on the torch it meets: every compatibility patch, in one place.
 
 `apply()` runs once, from `titan_rw/__init__.py`, before any torchtitan import. It imports
 no torchtitan module itself: patches that must touch a torchtitan module are installed
@@ -20,18 +20,45 @@ is guarded and does nothing where it is not needed:
 6. ``force_sum_reduce`` no accelerator (gloo has no PREMUL_SUM) → after TorchTitan disables
                          FSDP's gradient division, also force SUM reductions for comms.
 
+Older torch (2.11, 2.12; TorchTitan 0.3.0 is written against 2.13):
+
+7. ``mesh_dims_standin`` `torch.distributed.fsdp` lacks `DataParallelMeshDims` → a stand-in, so
+                         TorchTitan imports; building one (only the full_dtensor / spmd_types
+                         backends do, which patch 5 avoids) raises a clear error.
+8. ``block_mask_kwargs`` `create_block_mask` lacks torch 2.13's `separate_full_blocks`,
+                         `compute_dq_write_order`, `dq_kv_order` → a wrapper drops them at their
+                         defaults (the older torch's only behaviour) and refuses other values.
+                         FlexAttention, the GPU default, builds its document mask through it.
+9. ``trunc_normal_2_13`` torch < 2.13 → `nn.init.trunc_normal_` samples as torch 2.13 does
+                         (rejection sampling instead of the inverse CDF), so one seed gives the
+                         same initial weights on both (fp32 tensors; the tiny flavor's step-1 loss
+                         on torch 2.11: 8.1464 with it, as on 2.13; 8.0671 without); off with
+                         TITAN_RW_TRUNC_NORMAL_2_13=0.
+
+Lean environments (the GPU check's image: torch and the wheels of benchmarks/gpu_wheelhouse.sh):
+
+10. ``hf_datasets_absent`` Hugging Face `datasets` is not importable → TorchTitan's HF text loader
+                         module (`torchtitan.hf_datasets.text_datasets`: imported by its validator,
+                         never used by titan_rw, which has its own loader) imports with placeholders
+                         that raise a clear error when called. Saves `datasets`, pyarrow, pandas, ...
+
 `applied_patches()` lists the names applied; one INFO line names them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import inspect
 import logging
+import math
+import os
 import sys
 import types
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -103,7 +130,8 @@ class _PatchingLoader(importlib.abc.Loader):
         return self._inner.create_module(spec)
 
     def exec_module(self, module):
-        self._inner.exec_module(module)
+        with _pre_hooks(self._name):
+            self._inner.exec_module(module)
         _run_hooks(self._name, module)
 
     def __getattr__(self, item):  # get_source, get_code, ... for tracebacks/inspect
@@ -113,6 +141,29 @@ class _PatchingLoader(importlib.abc.Loader):
 def _run_hooks(name: str, module: types.ModuleType) -> None:
     for fn in _hooks.get(name, []):
         fn(module)
+
+
+_pre: dict[str, list[Callable[[], contextlib.AbstractContextManager]]] = {}
+
+
+@contextlib.contextmanager
+def _pre_hooks(name: str):
+    """Context managers registered by `_while_importing`, entered around a module's code."""
+    with contextlib.ExitStack() as stack:
+        for make in _pre.get(name, []):
+            stack.enter_context(make())
+        yield
+
+
+def _while_importing(name: str, make: Callable[[], contextlib.AbstractContextManager]) -> None:
+    """Run the module `name`'s code inside `make()` (e.g. with a placeholder in sys.modules)."""
+    if name in sys.modules:
+        return
+    _pre.setdefault(name, [])
+    _pre[name].append(make)
+    _hooks.setdefault(name, [])
+    if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PostImportFinder())
 
 
 def _after_import(name: str, fn: Callable[[types.ModuleType], None]) -> None:
@@ -306,6 +357,207 @@ def _patch_force_sum_reduce() -> bool:
     return True
 
 
+# ------------------------------------------------------------------------------ patch 7
+@dataclasses.dataclass(frozen=True)
+class DataParallelMeshDims:
+    """Stand-in for torch 2.13's `torch.distributed.fsdp.DataParallelMeshDims` (titan_rw.compat,
+    patch 7). TorchTitan only names it in annotations and builds one for the full_dtensor /
+    spmd_types backends, whose `fully_shard(dp_mesh_dims=...)` this torch does not have."""
+
+    shard: str | tuple[str, ...] | None = None
+    replicate: str | tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        raise NotImplementedError(
+            f"torch {torch.__version__} has no DataParallelMeshDims: its fully_shard cannot take "
+            "dp_mesh_dims, which TorchTitan's full_dtensor/spmd_types backends need (torch >= 2.13). "
+            "Set [parallelism] spmd_backend = \"partial_dtensor\" (titan_rw's default on torch < 2.14) "
+            "or use torch 2.13."
+        )
+
+
+def _patch_mesh_dims_standin() -> bool:
+    import torch.distributed.fsdp as fsdp
+
+    if hasattr(fsdp, "DataParallelMeshDims"):
+        return False
+    DataParallelMeshDims.__titan_rw_standin__ = True
+    fsdp.DataParallelMeshDims = DataParallelMeshDims
+    return True
+
+
+# ------------------------------------------------------------------------------ patch 8
+# torch 2.13's new create_block_mask keywords and their defaults: the defaults are what
+# torch 2.11/2.12 always do (full blocks stored apart, no dQ write-order metadata).
+BLOCK_MASK_KWARG_DEFAULTS = {"separate_full_blocks": True, "compute_dq_write_order": False, "dq_kv_order": True}
+
+
+def _tolerant_create_block_mask(original: Callable) -> Callable:
+    params = list(inspect.signature(original).parameters)  # mask_mod .. _compile, in order
+
+    def create_block_mask(*args, **kwargs):
+        extra = dict(zip(BLOCK_MASK_KWARG_DEFAULTS, args[len(params):]))  # passed by position
+        args = args[: len(params)]
+        for key in BLOCK_MASK_KWARG_DEFAULTS:
+            if key in kwargs:
+                extra[key] = kwargs.pop(key)
+        for key, value in extra.items():
+            if value != BLOCK_MASK_KWARG_DEFAULTS[key]:
+                raise NotImplementedError(
+                    f"create_block_mask({key}={value!r}) needs torch >= 2.13; torch {torch.__version__} "
+                    f"only does {key}={BLOCK_MASK_KWARG_DEFAULTS[key]!r} (titan_rw.compat, patch 8). "
+                    "TorchTitan passes separate_full_blocks=False in batch-invariant mode: turn that off "
+                    "or use torch 2.13."
+                )
+        return original(*args, **kwargs)
+
+    create_block_mask.__wrapped__ = original
+    create_block_mask.__doc__ = original.__doc__
+    create_block_mask.__titan_rw_patched__ = True
+    return create_block_mask
+
+
+def _patch_block_mask_kwargs() -> bool:
+    from torch.nn.attention import flex_attention
+
+    original = flex_attention.create_block_mask
+    if getattr(original, "__titan_rw_patched__", False):
+        return False
+    if "separate_full_blocks" in inspect.signature(original).parameters:
+        return False
+    # Before TorchTitan imports it (`from ... import create_block_mask`, then torch.compile of it).
+    flex_attention.create_block_mask = _tolerant_create_block_mask(original)
+    return True
+
+
+# ------------------------------------------------------------------------------ patch 9
+def _log_density_minus_peak(x: torch.Tensor, mean: float, std: float, log_peak: float) -> torch.Tensor:
+    """In place: the normal's log density at x (up to its constant) minus its value at the mode."""
+    return x.sub_(mean).div_(std).pow_(2).mul_(-0.5).sub_(log_peak)
+
+
+def trunc_normal_2_13(tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: float = 2.0, generator=None):
+    """`torch.nn.init.trunc_normal_` as torch 2.13 samples it, op for op (so bitwise the same draws
+    from the same generator state). Where the interval holds more than 30 % of the normal's mass:
+    draw normals and redraw those outside [a, b] until none is; otherwise propose uniformly on
+    [a, b] and accept with the density ratio to the mode. torch 2.11/2.12 use the inverse CDF of
+    a uniform draw instead: right distribution, different numbers."""
+    if tensor.is_meta:
+        return tensor
+    if mean < a - 2 * std or mean > b + 2 * std:
+        warnings.warn(
+            "mean is more than 2 std from [a, b] in nn.init.trunc_normal_. "
+            "The distribution of values may be incorrect.",
+            stacklevel=2,
+        )
+
+    def phi(x: float) -> float:
+        return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
+
+    with torch.no_grad():
+        if phi((b - mean) / std) - phi((a - mean) / std) > 0.3:
+            lo = tensor.new_tensor(a, device="cpu").item()  # the bounds in the tensor's dtype
+            hi = tensor.new_tensor(b, device="cpu").item()
+            draws = tensor.normal_(mean, std, generator=generator)
+            while True:
+                outside = (draws < lo) | (draws > hi)
+                if not outside.any():
+                    break
+                redraw = torch.empty_like(draws).normal_(mean, std, generator=generator)
+                draws = torch.where(outside, redraw, draws)
+            if draws is not tensor:
+                tensor.copy_(draws)
+            return tensor
+
+        mode = max(a, min(mean, b))
+        log_peak = -0.5 * ((mode - mean) / std) ** 2
+        proposal = torch.empty_like(tensor)
+        coin = torch.empty_like(tensor)
+        tensor.uniform_(a, b, generator=generator)
+        proposal.copy_(tensor)
+        _log_density_minus_peak(proposal, mean, std, log_peak)
+        rejected = coin.uniform_(generator=generator).log_().gt(proposal)
+        if rejected.any():
+            result = tensor
+            while True:
+                proposal.uniform_(a, b, generator=generator)
+                result = torch.where(rejected, proposal, result)
+                _log_density_minus_peak(proposal, mean, std, log_peak)
+                rejected = torch.where(rejected, coin.uniform_(generator=generator).log_().gt(proposal), rejected)
+                if not rejected.any():
+                    break
+            tensor.copy_(result)
+        return tensor
+
+
+def _patch_trunc_normal_2_13() -> bool:
+    if not torch_before(2, 13) or os.environ.get("TITAN_RW_TRUNC_NORMAL_2_13", "1") == "0":
+        return False
+    # Before TorchTitan binds it (`partial(nn.init.trunc_normal_, std=...)` at import).
+    trunc_normal_2_13.__wrapped__ = torch.nn.init.trunc_normal_
+    torch.nn.init.trunc_normal_ = trunc_normal_2_13
+    return True
+
+
+# ----------------------------------------------------------------------------- patch 10
+_HF_TEXT = "torchtitan.hf_datasets.text_datasets"
+
+
+def _datasets_placeholder(name: str) -> types.ModuleType:
+    mod = types.ModuleType(name)
+    mod.__file__ = __file__
+    mod.__path__ = []
+    mod.__titan_rw_stub__ = True
+
+    def __getattr__(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+
+        def _missing(*args, **kwargs):
+            raise RuntimeError(
+                f"{name}.{attr} needs the Hugging Face `datasets` package, which is not installed "
+                f"(titan_rw.compat, patch 10: {_HF_TEXT} imported without it). TorchTitan's HF text "
+                "loader and validator are unavailable; titan_rw's own loader does not need it: "
+                "pip install datasets to use them."
+            )
+
+        # a class, so `isinstance(x, Dataset)` in the loader's code stays valid (and False)
+        return type(attr, (), {"__init__": _missing, "__module__": name}) if attr[:1].isupper() else _missing
+
+    mod.__getattr__ = __getattr__
+    return mod
+
+
+@contextlib.contextmanager
+def _without_datasets():
+    names = ("datasets", "datasets.distributed")
+    saved = {n: sys.modules.get(n) for n in names}
+    sys.modules["datasets"] = _datasets_placeholder("datasets")
+    sys.modules["datasets.distributed"] = _datasets_placeholder("datasets.distributed")
+    try:
+        yield
+    finally:  # only TorchTitan's module keeps the placeholders; `import datasets` still fails
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+
+
+def _datasets_importable() -> bool:
+    try:
+        return importlib.util.find_spec("datasets") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _patch_hf_datasets_absent() -> bool:
+    if _datasets_importable() or _HF_TEXT in sys.modules:
+        return False
+    _while_importing(_HF_TEXT, _without_datasets)
+    return True
+
+
 _PATCHES: tuple[tuple[str, Callable[[], bool]], ...] = (
     ("triton_stub", _patch_triton_stub),
     ("cpu_device", _patch_cpu_device),
@@ -313,6 +565,10 @@ _PATCHES: tuple[tuple[str, Callable[[], bool]], ...] = (
     ("sdpa_attention", _patch_sdpa_attention),
     ("partial_dtensor", _patch_partial_dtensor),
     ("force_sum_reduce", _patch_force_sum_reduce),
+    ("mesh_dims_standin", _patch_mesh_dims_standin),
+    ("block_mask_kwargs", _patch_block_mask_kwargs),
+    ("trunc_normal_2_13", _patch_trunc_normal_2_13),
+    ("hf_datasets_absent", _patch_hf_datasets_absent),
 )
 
 

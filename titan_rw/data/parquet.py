@@ -14,8 +14,8 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+# pyarrow is imported where parquet is read (a run on token shards or the embedded corpus, e.g. the
+# GPU check's lean environment, does not need it)
 
 logger = logging.getLogger("titan_rw.data")
 
@@ -90,6 +90,9 @@ def expand_parquet_paths(spec: str | os.PathLike | list) -> list[str]:
 
 def open_parquet(path: str) -> pq.ParquetFile:
     """Open and validate the footer; DataError naming the file if it is not readable parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         if _is_remote(path):
             import fsspec
@@ -123,6 +126,8 @@ def iter_parquet_documents(
     document (skipped, counted, logged) instead of failing the whole file or passing silently.
     Missing id / domain columns fall back to `<file>#<row>` / `default_domain` (or the file stem).
     """
+    import pyarrow as pa
+
     stats = stats if stats is not None else ReadStats()
     pf = open_parquet(path)
     check_columns(pf, path, text_key)
