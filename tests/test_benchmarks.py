@@ -43,12 +43,9 @@ def test_bench_loader_quick(tmp_path):
 
 
 def test_gpu_check_is_shellcheck_clean():
-    import shutil
+    from needs import need_tool
 
-    import pytest
-
-    if not shutil.which("shellcheck"):
-        pytest.skip("shellcheck not installed")
+    need_tool("shellcheck", "apt-get install shellcheck (launch/ci_services.sh does)")
     p = subprocess.run(["shellcheck", "benchmarks/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
 

@@ -25,7 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p for d in ("slurm", "launch") for p in (ROOT / d).glob("*.sh"))
-REQUIRE = os.environ.get("TITAN_RW_REQUIRE_SLURM") == "1"
+from needs import need_tool, skip_or_fail
 STANDIN = os.environ.get("TITAN_RW_SLURM_STANDIN") == "1" or not (ROOT / "titan_rw" / "train.py").exists()
 
 
@@ -53,11 +53,8 @@ def _slurm_missing() -> str | None:
 
 def _need_slurm() -> None:
     why = _slurm_missing()
-    if why is None:
-        return
-    if REQUIRE:
-        pytest.fail(f"TITAN_RW_REQUIRE_SLURM=1 but {why}")
-    pytest.skip(why)
+    if why is not None:
+        skip_or_fail(why)
 
 
 # ---- the scripts parse and are shellcheck-clean ------------------------------------------------
@@ -69,10 +66,7 @@ def test_bash_syntax(script: Path):
 
 
 def test_shellcheck_all_scripts():
-    if not shutil.which("shellcheck"):
-        if REQUIRE:
-            pytest.fail("shellcheck not installed (apt-get install shellcheck; launch/ci_services.sh does)")
-        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    need_tool("shellcheck", "apt-get install shellcheck (launch/ci_services.sh does)")
     r = _sh("shellcheck", "-x", "-P", "SCRIPTDIR", *[str(p.relative_to(ROOT)) for p in SCRIPTS], timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
 
