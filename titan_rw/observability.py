@@ -411,7 +411,9 @@ class RunLogger:
         k = self.config.top_k
         ok = np.array([valid[i] and bool(_docs(p)) for i, p in zip(idx, prov)], dtype=bool)
         cand = np.nonzero(ok)[0]  # provenance rows with a valid sample
-        cw, cl = weights[idx[cand]], losses[idx[cand]]
+        # ranked by b·w, each sample against uniform weight in its own group (the groups' b differ
+        # when a group has invalid samples)
+        cw, cl = weights[idx[cand]] * group_b[idx[cand]], losses[idx[cand]]
         bs = sorted({int(round(x)) for x in group_b[idx[cand]]})  # the b of the groups shown
         # ties (LinUpper saturates every h >= 0 at the same weight): the higher loss ranks first
         top = cand[np.lexsort((-cl, -cw))][:k]
