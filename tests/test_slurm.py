@@ -5,9 +5,10 @@ The Slurm tests need the daemons that `launch/slurm_local.sh` starts (CI: launch
 Without them they skip, saying so; with TITAN_RW_REQUIRE_SLURM=1 (set by CI) they fail instead,
 so CI can never pass by skipping.
 
-The job runs the real trainer (`-m titan_rw.train`, train_configs/debug_cpu.toml) when it is there;
-TITAN_RW_SLURM_STANDIN=1 swaps in tests/slurm_standin_train.py (same run-folder contract, seconds
-instead of a minute) to iterate on the scripts themselves.
+The jobs run the real trainer (`-m titan_rw.train`, train_configs/debug_cpu.toml, 2 gloo ranks,
+checkpointing on): the requeue and the USR1 tests check its real exit code (128 + signal), the
+checkpoint it saved on the signal, and that the requeued job resumes from it. The stand-in
+tests/slurm_standin_train.py serves only the test of launch/torchrun_multi.sh alone.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p for d in ("slurm", "launch") for p in (ROOT / d).glob("*.sh"))
 from needs import need_tool, skip_or_fail
-STANDIN = os.environ.get("TITAN_RW_SLURM_STANDIN") == "1" or not (ROOT / "titan_rw" / "train.py").exists()
 
 
 def _sh(*cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -88,14 +88,10 @@ def test_slurm_scripts_have_the_cluster_essentials():
 def _job_args(run_dir: Path, steps: int, interval: int) -> tuple[list[str], list[str]]:
     """(extra sbatch environment, trainer overrides) for a short debug_cpu job."""
     env = [f"RUN_DIR={run_dir}"]
-    if STANDIN:
-        env.append("TRAIN_SCRIPT=tests/slurm_standin_train.py")
-        over = ["--standin.step_seconds", "0.4"]
-    else:
-        # tiny and quick: no TensorBoard, log (and so flush metrics.jsonl) every step
-        over = ["--reweight.log_interval", "1", "--reweight.warmup_steps", "1",
-                "--lr_scheduler.warmup_steps", "2", "--metrics.enable_tensorboard", "false"]
-    over += ["--training.steps", str(steps), "--checkpoint.interval", str(interval)]
+    # the debug model, quick: no TensorBoard, log (and so flush metrics.jsonl) every step
+    over = ["--reweight.log_interval", "1", "--reweight.warmup_steps", "1", "--training.seq_len", "64",
+            "--lr_scheduler.warmup_steps", "2", "--metrics.enable_tensorboard", "false",
+            "--training.steps", str(steps), "--checkpoint.interval", str(interval)]
     return env, over
 
 
@@ -214,45 +210,56 @@ def test_scontrol_requeue_resumes_from_checkpoint(tmp_path):
         assert new[0] == ckpt + 1, f"resumed at step {new[0]}, expected {ckpt + 1} (checkpoint step-{ckpt})\n{log}"
         assert new == list(range(ckpt + 1, steps + 1)), new
         assert "restart 1 on 1 node(s)" in log and f"newest checkpoint: step-{ckpt}" in log, log
+        assert f"resumed from the checkpoint of step {ckpt}" in log, log
+        # the first attempt: the real trainer got Slurm's SIGTERM, saved the step it was in and
+        # exited with 128 + SIGTERM = 143 (a trainer dying without saving leaves only interval
+        # checkpoints, and the resumed run would redo steps: new[0] above would not be ckpt + 1)
+        stop = re.search(r"titan_rw: stopping at step (\d+): SIGTERM received; saved \S+; exit code (\d+)", log)
+        assert stop and int(stop.group(2)) == 128 + 15, log
+        assert int(stop.group(1)) == ckpt, log
     finally:
         _cancel(job)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(500)
 def test_usr1_before_time_limit_checkpoints_and_requeues_itself(tmp_path):
     """`#SBATCH --signal=B:USR1@N` sends USR1 to the batch shell N s before the time limit;
     `scancel --batch --signal=USR1` does the same now. The script forwards it through srun and
-    torchrun to the ranks, waits, and requeues the job. Uses the stand-in, which implements the
-    save-on-signal protocol, so the checkpoint is at the very step the signal stopped it."""
+    torchrun to the real trainer's ranks, which finish the step, save a checkpoint of it and exit
+    with 128 + SIGUSR1 = 138; the script requeues the job, which resumes from that checkpoint (the
+    interval is 100: any other checkpoint would be step-0 or none). A trainer that ignored the
+    signal would be killed at the time limit with nothing saved; one that exited 0 would look like
+    a finished run to Slurm's RequeueExit."""
     _need_slurm()
     run = tmp_path / "run"
-    steps = 20
-    name = f"titan-rw-test-{uuid.uuid4().hex[:8]}"
-    r = _sh("sbatch", "--parsable", f"--job-name={name}", f"--output={tmp_path}/slurm-%j.out",
-            f"--export=ALL,RUN_DIR={run},TRAIN_SCRIPT=tests/slurm_standin_train.py", "--time=00:10:00",
-            "slurm/debug_cpu.sh", "--training.steps", str(steps), "--checkpoint.interval", "100",
-            "--standin.step_seconds", "0.2")
-    job = r.stdout.strip().split(";")[0]
-    assert job.isdigit(), r
+    steps = 16
+    _, job = _sbatch(tmp_path, run, steps=steps, interval=100, wait=False)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300
         while len(_steps(run)) < 3:
+            state = _job(job).get("JobState")
+            assert state in ("PENDING", "CONFIGURING", "RUNNING"), (state, _log(tmp_path, job))
             assert time.time() < deadline, _log(tmp_path, job)
             time.sleep(0.5)
         assert _sh("scancel", "--batch", "--signal=USR1", job).returncode == 0
-        deadline = time.time() + 240
+        deadline = time.time() + 400
         while (state := _job(job).get("JobState")) != "COMPLETED":
-            assert state not in ("FAILED", "CANCELLED", "TIMEOUT"), (state, _log(tmp_path, job))
+            assert state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), (state, _log(tmp_path, job))
             assert time.time() < deadline, _log(tmp_path, job)
             time.sleep(1)
         log = _log(tmp_path, job)
         assert _job(job).get("Restarts") == "1", log
         assert "USR1: asking the trainer to checkpoint" in log and "requeueing job" in log, log
+        stop = re.search(r"titan_rw: stopping at step (\d+): SIGUSR1 received; saved (\S+); exit code (\d+)", log)
+        assert stop, log
+        k = int(stop.group(1))
+        assert int(stop.group(3)) == 128 + 10, log  # the trainer's real exit code: 128 + SIGUSR1
+        assert stop.group(2) == str(run / "checkpoint" / f"step-{k}"), log
+        assert 3 <= k < steps, log
         m = re.search(r"restart 1 .*\n.*newest checkpoint: step-(\d+)", log)
-        assert m, log
-        k = int(m.group(1))
-        assert 3 <= k < steps, log  # saved on the signal, not at an interval (100)
+        assert m and int(m.group(1)) == k, log
+        assert f"resumed from the checkpoint of step {k}" in log, log
         assert _steps(run) == list(range(1, steps + 1)), _steps(run)  # no step lost, none repeated
     finally:
         _cancel(job)

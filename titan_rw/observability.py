@@ -372,7 +372,7 @@ class RunLogger:
         for k, x in row.items():
             if k in SCALAR_TAGS:
                 tag = SCALAR_TAGS[k]
-            elif k in ("step", "b", "domains") or not isinstance(x, (int, float)) or isinstance(x, bool):
+            elif k in ("step", "b", "groups", "domains") or not isinstance(x, (int, float)) or isinstance(x, bool):
                 continue
             else:
                 tag = _extra_tag(k)

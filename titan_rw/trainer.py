@@ -122,11 +122,12 @@ class FaultConfig:
     """`[fault]`: what the trainer does about non-finite values and signals (docs/resuming.md).
 
     The keys marked TESTING are fault-injection knobs for the tests; they run the real code paths
-    (a real NaN in the loss or the gradient, a real signal or SIGKILL) and are off by default."""
+    (a real non-finite activation inside the model, a real NaN gradient, a real signal or SIGKILL)
+    and are off by default."""
 
     max_consecutive_skips: int = 10
     """Stop the run (after a checkpoint) when this many optimizer steps in a row were skipped for a
-    non-finite gradient norm; 0: never stop."""
+    non-finite gradient norm or a non-finite per-sample loss; 0: never stop."""
     signal_check_interval: int = 1
     """Steps between the ranks' agreement on a received SIGTERM/SIGUSR1: one all-reduce of an int on
     the default process group (on GPU also a device sync, hence 10 in the GPU configs)."""
@@ -663,7 +664,7 @@ class ReweightTrainer(Trainer):
         self._max_consec = self._consec.clone()
         if worst >= n:
             self._stop_reason = (
-                f"{worst} consecutive optimizer steps skipped for a non-finite gradient norm "
+                f"{worst} consecutive optimizer steps skipped for a non-finite gradient norm or loss "
                 f"(fault.max_consecutive_skips = {n}); the model is that of the last good step",
                 EXIT_TOO_MANY_SKIPS,
             )
