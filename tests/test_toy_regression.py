@@ -73,3 +73,14 @@ def test_main_writes_png_and_prints_table(tmp_path, capsys):
 def test_main_rejects_unknown_strategy(tmp_path, capsys):
     assert toy.main(["--strategies", "uniform,nope", "--out", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_outliers_option_sets_m(tmp_path, capsys):
+    """--outliers m: Appendix B.3's 25 % (m = 1067 next to n = 3200) vs B.2's 20 % (the default 800)."""
+    assert toy.main(["--seeds", "1", "--steps", "5", "--early-steps", "5", "--outliers", "1067",
+                     "--strategies", "uniform", "--out", str(tmp_path)]) == 0
+    assert "n=3200, m=1067 outliers" in capsys.readouterr().out
+    assert toy.config_from_args(toy._parse(["--outliers", "1067"])).m == 1067
+    assert toy.ToyConfig().m == 800
+    assert toy.main(["--outliers", "-1", "--out", str(tmp_path)]) == 2
+    assert "--outliers must be >= 0" in capsys.readouterr().err
