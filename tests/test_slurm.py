@@ -318,7 +318,13 @@ def test_tokenize_as_slurm_array_job(tmp_path: Path):
     shards = [open_shard(str(out / f"shard_{i:05d}.ds")) for i in range(2)]
     assert [s.n_docs for s in shards] == [5, 5]
     # it really ran as a Slurm array: two COMPLETED array tasks whose logs go under this output
-    ours = [j for j in _sh("scontrol", "show", "job", "-o").stdout.splitlines() if str(out) in j]
-    tasks = {re.search(r"ArrayTaskId=(\d+)", j).group(1) for j in ours
-             if "ArrayTaskId=" in j and "JobState=COMPLETED" in j and "titan_rw_tokenize" in j}
+    # (a task writes its completion marker before slurmd reports it COMPLETED: wait for that)
+    deadline = time.time() + 60
+    while True:
+        ours = [j for j in _sh("scontrol", "show", "job", "-o").stdout.splitlines() if str(out) in j]
+        tasks = {re.search(r"ArrayTaskId=(\d+)", j).group(1) for j in ours
+                 if "ArrayTaskId=" in j and "JobState=COMPLETED" in j and "titan_rw_tokenize" in j}
+        if tasks >= {"0", "1"} or time.time() > deadline:
+            break
+        time.sleep(1)
     assert tasks >= {"0", "1"}, ours
