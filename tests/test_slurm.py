@@ -282,6 +282,30 @@ def test_torchrun_multi_two_nodes_on_localhost(tmp_path):
     assert _steps(run) == [1, 2, 3] and _checkpoints(run) == [3]
 
 
+def test_a_signal_delivered_twice_at_once_is_one_stop_request(tmp_path):
+    """Slurm signals every process of the step and torchrun forwards the signal too, so a rank gets
+    SIGTERM twice within milliseconds: that must stay one request (checkpoint, then exit 143). The
+    same signal again later still means "stop now" (the process dies of it). A handler treating
+    the duplicate as a second request kills the rank before its checkpoint (first run: -15)."""
+    code = (
+        "import os, signal, time\n"
+        "from titan_rw.trainer import ReweightTrainer, SAME_SIGNAL_WINDOW_S\n"
+        "class T: _signal_received = 0; _signal_time = 0.0; _rank = 0\n"
+        "t = T()\n"
+        "signal.signal(signal.SIGTERM, lambda s, f: ReweightTrainer._on_signal(t, s, f))\n"
+        "os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGTERM)\n"
+        "assert t._signal_received == signal.SIGTERM\n"
+        "print('alive after the duplicate', flush=True)\n"
+        "t._signal_time -= SAME_SIGNAL_WINDOW_S + 1\n"
+        "os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
+        "print('alive after the later one', flush=True)\n"
+    )
+    r = subprocess.run([os.sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                       capture_output=True, text=True, timeout=120)
+    assert "alive after the duplicate" in r.stdout, r.stderr[-2000:]
+    assert r.returncode == -15 and "alive after the later one" not in r.stdout, (r.returncode, r.stderr[-2000:])
+
+
 # ---- datatrove tokenization as a real Slurm array ---------------------------------------------
 
 def test_tokenize_as_slurm_array_job(tmp_path: Path):

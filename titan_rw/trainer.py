@@ -196,6 +196,10 @@ class TrainingStopped(Exception):
 
 # Exit code when max_consecutive_skips stops the run.
 EXIT_TOO_MANY_SKIPS = 3
+# A signal repeated within this many seconds is the same request: Slurm's scancel / requeue /
+# pre-emption signals every process of the job step, and torchrun forwards the same signal to its
+# workers, so a rank gets it twice at once. Repeated later, it means "stop now".
+SAME_SIGNAL_WINDOW_S = 5.0
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -577,6 +581,7 @@ class ReweightTrainer(Trainer):
         )
         self._stop_reason: tuple[str, int] | None = None
         self._signal_received = 0
+        self._signal_time = 0.0
         self._prev_handlers: dict[int, Any] = {}
         import threading
 
@@ -601,11 +606,16 @@ class ReweightTrainer(Trainer):
         return self.fault.kill_rank in (-1, self._rank)
 
     def _on_signal(self, signum, _frame) -> None:
-        if self._signal_received == signum:  # the same signal twice: stop now, without a checkpoint
-            signal.signal(signum, signal.SIG_DFL)
+        import time
+
+        if self._signal_received == signum:
+            if time.monotonic() - self._signal_time < SAME_SIGNAL_WINDOW_S:
+                return  # one stop request delivered twice: by Slurm to every process of the step and by torchrun
+            signal.signal(signum, signal.SIG_DFL)  # asked again later: stop now, without a checkpoint
             os.kill(os.getpid(), signum)
             return
         self._signal_received = signum
+        self._signal_time = time.monotonic()
         sys.stderr.write(f"[titan_rw] rank {self._rank}: received {signal.Signals(signum).name}; "
                          "will checkpoint and exit after the current step\n")
 
