@@ -4,7 +4,8 @@ A tiny bigram language model (embedding -> output projection) trains on rows of 
 corpus from `TokenDataLoader`; the per-sample losses come from `titan_rw.loss.per_sample_loss`,
 the weights and `WeightStats` from `titan_rw.loss.reweighted_loss`, the provenance from the
 loader's `last_provenance`. `RunLogger` logs it exactly as the trainer would. Runs are built
-once per pytest session and shared by test_observability, test_report and the browser test.
+once per pytest session and shared by test_report and the browser test (about rendering the
+logs); the statistics themselves are tested on the real trainer in test_observability.
 """
 
 from __future__ import annotations

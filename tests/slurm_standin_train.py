@@ -1,5 +1,5 @@
-"""A stand-in for `python -m titan_rw.train` with the same run-folder contract, for the Slurm
-tests while the real trainer is not there (tests/test_slurm.py uses the real one when it is).
+"""A stand-in for `python -m titan_rw.train` with the same run-folder contract, used only by the
+test of launch/torchrun_multi.sh alone (tests/test_slurm.py's Slurm jobs run the real trainer).
 
     torchrun --nproc_per_node=2 tests/slurm_standin_train.py --config X.toml \
         --job.dump_folder RUN --training.steps 20 --checkpoint.interval 5 [--standin.step_seconds 0.2]

@@ -183,6 +183,11 @@ def test_fsspec_input_url(tmp_path):
 def test_slurm_executor_submits_and_array_tasks_run(tmp_path, monkeypatch):
     """--slurm: datatrove's SlurmPipelineExecutor writes an sbatch array script and submits it
     (a stand-in `sbatch` records it); each array task then runs the pickled pipeline as a node would."""
+    from needs import need_tool
+
+    # the array task expands SLURM_NODELIST with Slurm's own `scontrol show hostnames` (datatrove)
+    need_tool("scontrol", "datatrove's Slurm array tasks run `scontrol show hostnames` "
+                          "(install Slurm, e.g. `bash launch/ci_services.sh`)")
     import dill
 
     bindir = tmp_path / "bin"

@@ -35,7 +35,13 @@ def test_linupper_downweights_duplicates(quick_run):
     u = by["uniform"]["weight"]
     assert u["dup"] == pytest.approx(1.0, abs=1e-5) and u["unique"] == pytest.approx(1.0, abs=1e-5)
     for r in res["results"]:
-        assert np.isfinite(r["val_loss"]) and r["val_loss"] < 7.7  # below log(2048) = 7.62 + slack: it learns
+        # it learns: the held-out loss falls by more than 1.5 nats from the untrained model's (~8.1
+        # here; above log 2048 = 7.62 since a fresh model is not uniform) and ends well below the
+        # uniform guess. The old bound (7.7) was passed by a model that never trained.
+        (s0, v0), (s_end, v_end) = r["val_curve"][0], r["val_curve"][-1]
+        assert s0 == 0 and v_end == r["val_loss"] and np.isfinite(v_end)
+        assert v_end < v0 - 1.5, r["val_curve"]
+        assert v_end < np.log(2048) - 0.8, r["val_curve"]
 
 
 def test_outputs(quick_run, capsys):

@@ -1,19 +1,32 @@
-"""RunLogger: metrics.jsonl and TensorBoard event files of a short real run, read back.
+"""RunLogger: metrics.jsonl, samples.jsonl and TensorBoard event files of short real runs of the
+real trainer, read back and checked against an independent recomputation.
 
-The run (tests/obs_helpers.py): a tiny model on the shipped corpus, real per-sample losses,
-`reweighted_loss`'s WeightStats and the loader's provenance, logged through RunLogger.
+The runs (module fixture, shared by every test below): `python -m titan_rw.train` (through
+tests/obs_worker.py, which also saves each group's gathered per-sample losses and rank 0's
+provenance) with the debug model on the shipped corpus:
+
+- "one": 1 rank, scope microbatch, k = 2 groups of 8, an inf injected in one sample's embedding
+  output at step 2 (groups of 7 and 8 valid samples);
+- "two": 2 ranks, scope microbatch, k = 2 groups of 8 (4 per rank);
+- "global": 1 rank, scope global_batch, k = 2 micro-batches, one group of 16.
+
+Every expected value (weights, per-group b and bound, violations, per-domain mean weight and mass,
+histogram sums, the samples tables) is recomputed here from the logged losses with the paper's
+formula (min-max normalize -> strategy -> softmax with temperature), in float64.
 """
 
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from obs_helpers import B, STEPS, corpus_ids, shared_runs
+from obs_helpers import corpus_ids
 from titan_rw.loss import reweighted_loss
 from titan_rw.observability import (
     HIST_TAGS,
@@ -26,10 +39,43 @@ from titan_rw.observability import (
 )
 from titan_rw.progress import Progress, fmt_duration
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 4
+GLOBAL_BATCH = 16
+RUNS = {  # name: (ranks, local batch, scope, strategy, temperature, extra overrides)
+    "one": (1, 8, "microbatch", "linupper", 0.2, ["--fault.nan_loss_steps", "[2]"]),
+    "two": (2, 4, "microbatch", "linupper", 0.2, []),
+    "global": (1, 8, "global_batch", "quadratic", 0.3, []),
+}
+
+
+def _launch(name, base, env):
+    ranks, local, scope, strategy, r, extra = RUNS[name]
+    folder = os.path.join(base, name)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+           os.path.join(ROOT, "tests", "obs_worker.py"), folder + ".json",
+           "--config", "train_configs/debug_cpu.toml", "--job.dump_folder", folder,
+           "--training.steps", str(STEPS), "--training.seq_len", "64",
+           "--training.local_batch_size", str(local), "--training.global_batch_size", str(GLOBAL_BATCH),
+           "--reweight.strategy", strategy, "--reweight.temperature", str(r), "--reweight.warmup_steps", "0",
+           "--reweight.scope", scope, "--reweight.log_interval", "2", "--reweight.histogram_interval", "2",
+           "--reweight.samples_interval", "2", "--reweight.top_k", "3",
+           "--lr_scheduler.warmup_steps", "1", "--checkpoint.enable", "false", *extra]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
+    with open(folder + ".json") as fh:
+        captured = {int(k): v for k, v in json.load(fh).items()}
+    return {"dir": folder, "cap": captured, "log": out.stdout + out.stderr}
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return shared_runs(tmp_path_factory)
+    base = str(tmp_path_factory.mktemp("obs_trainer"))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, "inductor")
+    return {name: _launch(name, base, env) for name in RUNS}
 
 
 def _acc(run_dir):
@@ -47,91 +93,209 @@ def _stats(losses, strategy="linupper", temperature=1.0, cap=None, valid=None):
     )[1]
 
 
-# ---------------------------------------------------------------------------- the real run
-def test_metrics_jsonl_one_row_per_step(runs):
-    rows = read_metrics(runs["linupper"])
+# ---------------------------------------------------------------------------- the reference
+def reference_weights(losses, valid, strategy, r):
+    """The paper's weights of one group, float64: h = 2 (f - f_min) / (f_max - f_min) - 1 over the
+    valid finite losses (0 when the range is ~0), s = strategy(h) (DRO-KL: s = f), w = softmax(s / r);
+    invalid samples 0."""
+    f = np.asarray(losses, dtype=np.float64)
+    ok = np.asarray(valid, dtype=bool) & np.isfinite(f)
+    w = np.zeros_like(f)
+    if not ok.any():
+        return w
+    fv = f[ok]
+    span = fv.max() - fv.min()
+    h = np.zeros_like(fv) if span <= 1e-6 else 2 * (fv - fv.min()) / span - 1
+    s = {"uniform": 0 * h, "linupper": np.minimum(h + 1, 1), "quadratic": 1 - h * h,
+         "extremes": np.abs(h), "dro_kl": fv}[strategy]
+    z = s / r
+    e = np.exp(z - z.max())
+    w[ok] = e / e.sum()
+    return w
+
+
+class Expected:
+    """One step of a run, recomputed from its captured per-sample losses and provenance."""
+
+    def __init__(self, run, step):
+        ranks, local, scope, strategy, r, _ = RUNS[run["name"]]
+        cap = run["cap"][step]
+        self.groups = [(np.asarray(g["losses"], np.float64), np.asarray(g["valid"], bool)) for g in cap["groups"]]
+        self.w = [reference_weights(f, v, strategy, r) for f, v in self.groups]
+        self.b = [int((v & np.isfinite(f)).sum()) for f, v in self.groups]
+        self.max_w = [float(w.max()) for w in self.w]
+        self.ratio = [m * b / 2 for m, b in zip(self.max_w, self.b)]  # each group against its own 2/b
+        top = int(np.argmax(self.max_w))
+        self.row = {
+            "max_weight": max(self.max_w), "b": self.b[top], "max_weight_bound": 2 / self.b[top],
+            "bound_ratio": max(self.ratio),
+            "ess": float(np.mean([1 / (w * w).sum() for w in self.w])),
+            "loss": float(np.mean([f[v & np.isfinite(f)].mean() for f, v in self.groups])),
+            "weighted_loss": float(np.mean([(w * np.where(w > 0, f, 0)).sum() for (f, _), w in zip(self.groups, self.w)])),
+        }
+        self.violations = sum(x > 1 + 1e-6 for x in self.ratio)
+        self.ambiguous = any(abs(x - 1) < 1e-3 for x in self.ratio)
+        # rank 0's provenance rows: micro-batch j, row i -> (group, position in the group)
+        k = GLOBAL_BATCH // (local * ranks)
+        self.where = []
+        for n in range(len(cap["prov"])):
+            j, i = divmod(n, local)
+            self.where.append((j, i) if scope == "microbatch" else (0, j * local * ranks + i))
+        assert len(self.groups) == (k if scope == "microbatch" else 1)
+        self.prov = cap["prov"]
+
+    def bw(self, n):
+        """b·w of provenance row n, b of its own group."""
+        g, i = self.where[n]
+        return self.w[g][i] * self.b[g]
+
+    def row_valid(self, n):
+        g, i = self.where[n]
+        f, v = self.groups[g]
+        return bool(v[i] and np.isfinite(f[i]))
+
+    def domains(self):
+        share, mass, rows, total = {}, {}, 0, 0.0
+        for n, docs in enumerate(self.prov):
+            if not docs or not self.row_valid(n):
+                continue
+            rows += 1
+            tok = sum(max(d.get("n_tokens") or 1, 0) for d in docs) or len(docs)
+            total += self.bw(n)
+            for d in docs:
+                frac = max(d.get("n_tokens") or 1, 0) / tok
+                dom = str(d.get("domain") or "unknown")
+                share[dom] = share.get(dom, 0.0) + frac
+                mass[dom] = mass.get(dom, 0.0) + frac * self.bw(n)
+        return {dom: {"share": share[dom] / rows, "mean_weight": mass[dom] / share[dom],
+                      "weight_mass": mass[dom] / total} for dom in share}
+
+
+def _expected(runs, name, step):
+    return Expected(dict(runs[name], name=name), step)
+
+
+# ---------------------------------------------------------------------------- the real trainer
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RUNS))
+def test_metrics_rows_match_the_reference(runs, name):
+    rows = read_metrics(runs[name]["dir"])
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    k = 2 if RUNS[name][2] == "microbatch" else 1
+    violations_total = 0
     for r in rows:
-        assert r["b"] == B and r["strategy"] == "linupper"
-        assert r["max_weight_bound"] == pytest.approx(2 / B)
-        assert r["bound_ratio"] == pytest.approx(r["max_weight"] * B / 2, rel=1e-6)
-        assert 1 <= r["ess"] <= B + 1e-3 and 0 <= r["weight_entropy"] <= math.log(B) + 1e-5
-        assert r["max_weight"] >= 1 / B - 1e-7
-        assert r["tokens_per_sec"] > 0 and r["mfu"] > 0 and r["grad_norm"] > 0
-        dom = r["domains"]
-        assert sum(d["share"] for d in dom.values()) == pytest.approx(1.0)
-        assert sum(d["weight_mass"] for d in dom.values()) == pytest.approx(1.0, rel=1e-5)
-    uni = read_metrics(runs["uniform"])
-    for r in uni:  # uniform is exactly 1/b: ESS b, entropy log b, max·b/2 = 1/2, domains at 1
-        assert r["max_weight"] == pytest.approx(1 / B) and r["bound_ratio"] == pytest.approx(0.5)
-        assert r["ess"] == pytest.approx(B, rel=1e-5) and r["weight_entropy"] == pytest.approx(math.log(B), rel=1e-5)
-        assert all(d["mean_weight"] == pytest.approx(1.0, rel=1e-5) for d in r["domains"].values())
-        assert r["weighted_loss"] == pytest.approx(r["loss"], rel=1e-5)
+        ex = _expected(runs, name, r["step"])
+        assert r["groups"] == k
+        for key, want in ex.row.items():
+            assert r[key] == pytest.approx(want, rel=2e-4, abs=1e-6), (name, r["step"], key)
+        if not ex.ambiguous:
+            # a version comparing every group with the largest group's bound, or the step's max
+            # weight with one bound, counts differently whenever the groups' b or weights differ
+            assert r["bound_violations"] == ex.violations, (name, r["step"], ex.ratio)
+        violations_total += r["bound_violations"]
+        assert r["bound_violations_total"] == violations_total
+        got, want = r["domains"], ex.domains()
+        assert set(got) == set(want), (name, r["step"])
+        for dom in want:
+            for key in ("share", "mean_weight", "weight_mass"):
+                # with k groups each summing to 1, b·w with b = the whole step's samples is k
+                # times too large (uniform weights would show mean weight 2.0 instead of 1.0)
+                assert got[dom][key] == pytest.approx(want[dom][key], rel=2e-4), (name, r["step"], dom, key)
 
 
-def test_scalar_tags_match_metrics(runs):
-    rows = {r["step"]: r for r in read_metrics(runs["linupper"])}
-    ea = _acc(runs["linupper"])
-    tags = set(ea.Tags()["scalars"])
-    want = {
-        "loss/unweighted", "loss/weighted", "weights/max", "weights/ess", "weights/entropy",
-        "weights/temperature", "bound/two_over_b", "bound/ratio", "bound/violations",
-        "bound/violations_total", "perf/tokens_per_sec", "perf/mfu", "perf/lr", "perf/grad_norm",
-    }
-    assert want <= tags, want - tags
-    domains = set(rows[STEPS]["domains"])
-    assert domains and domains <= {"python_docs", "linux_docs", "wikipedia", "fortunes"}
-    for d in domains:
-        assert {f"data/mean_weight/{d}", f"data/share/{d}", f"data/weight_mass/{d}"} <= tags
-    for key, tag in SCALAR_TAGS.items():
-        if key not in rows[1]:
-            continue
-        events = ea.Scalars(tag)
-        assert [e.step for e in events] == list(range(1, STEPS + 1)), tag
-        for e in events:
-            assert e.value == pytest.approx(rows[e.step][key], rel=1e-6, abs=1e-12), (tag, e.step)
+@pytest.mark.slow
+def test_runs_exercise_what_the_checks_are_about(runs):
+    """The comparisons above can only catch the per-group defects if the runs have unequal groups
+    and steps where some, not all, groups break their bound."""
+    ex = {(n, s): _expected(runs, n, s) for n in RUNS for s in range(1, STEPS + 1)}
+    assert any(len(set(e.b)) > 1 for e in ex.values())  # step 2 of "one": b = 7 and 8
+    assert any(0 < e.violations < len(e.groups) for e in ex.values())
+    assert any(e.violations == 0 for e in ex.values())
+    spread = [max(d["mean_weight"] for d in e.domains().values()) - min(d["mean_weight"] for d in e.domains().values())
+              for e in ex.values()]
+    assert max(spread) > 0.05  # reweighting really moves the domains' mean weight
 
 
-def test_weight_histograms_sum_to_b_and_match_metrics(runs):
-    rows = {r["step"]: r for r in read_metrics(runs["linupper"])}
-    ea = _acc(runs["linupper"])
-    hw = ea.Histograms(HIST_TAGS["weights"])
-    assert [h.step for h in hw] == [1, 10, 20, 30, 40]  # histogram_interval=10, and step 1
-    for h in hw:
-        v, r = h.histogram_value, rows[h.step]
-        assert sum(v.bucket) == r["b"] == v.num == B
-        assert v.max == pytest.approx(r["max_weight"], rel=1e-7)
-        assert v.sum == pytest.approx(1.0, abs=1e-5)
-        assert v.sum_squares == pytest.approx(1 / r["ess"], rel=1e-5)
-    hl = ea.Histograms(HIST_TAGS["losses"])
-    for h in hl:
-        v, r = h.histogram_value, rows[h.step]
-        assert sum(v.bucket) == B and v.sum / v.num == pytest.approx(r["loss"], rel=1e-5)
-    win = ea.Histograms("weights/max_window")
-    assert [h.step for h in win] == [1, 10, 20, 30, 40]
-    last = win[-1].histogram_value
-    assert last.num == STEPS and last.max == pytest.approx(max(r["max_weight"] for r in rows.values()), rel=1e-7)
-    assert ea.Histograms("bound/ratio_window")[-1].histogram_value.max <= 1.0  # b = 16, r = 0.5 holds
+@pytest.mark.slow
+def test_nonfinite_activation_drops_the_step(runs):
+    """fault.nan_loss_steps puts +inf in sample 0's embedding output at step 2 (rank 0, first
+    micro-batch): its loss is NaN, it gets weight 0 and leaves b, and the whole step is dropped."""
+    run = runs["one"]
+    f0 = run["cap"][2]["groups"][0]["losses"]
+    assert math.isnan(f0[0]) and all(math.isfinite(x) for x in f0[1:])
+    assert all(math.isfinite(x) for s in run["cap"] for g in run["cap"][s]["groups"] for x in g["losses"]
+               if (s, g) != (2, run["cap"][2]["groups"][0]))
+    m = {r["step"]: r for r in read_metrics(run["dir"])}
+    assert [m[s]["nonfinite_samples"] for s in m] == [0, 1, 0, 0]
+    # the non-finite value started inside the model: it reached the weights' gradients (a NaN set
+    # only after the loss, as the knob once did, leaves the gradient norm finite)
+    assert math.isnan(m[2]["grad_norm"]) and all(math.isfinite(m[s]["grad_norm"]) for s in (1, 3, 4))
+    assert [m[s]["skipped"] for s in m] == [0, 1, 0, 0] and [m[s]["skipped_steps"] for s in m] == [0, 1, 1, 1]
+    assert "step 2: 1 sample(s) with a non-finite loss; optimizer step skipped" in run["log"]
+    for key in ("loss", "weighted_loss", "max_weight", "ess"):
+        assert math.isfinite(m[2][key])
 
 
-def test_text_samples_name_real_documents(runs):
+@pytest.mark.slow
+def test_tensorboard_scalars_and_histograms_match_the_reference(runs):
+    for name in RUNS:
+        rows = {r["step"]: r for r in read_metrics(runs[name]["dir"])}
+        ea = _acc(runs[name]["dir"])
+        tags = set(ea.Tags()["scalars"])
+        for key, tag in SCALAR_TAGS.items():
+            if key in rows[1]:
+                assert [e.step for e in ea.Scalars(tag)] == list(range(1, STEPS + 1)), (name, tag)
+                for e in ea.Scalars(tag):
+                    assert e.value == pytest.approx(rows[e.step][key], rel=1e-6, abs=1e-12), (name, tag, e.step)
+        for s in range(1, STEPS + 1):
+            ex = _expected(runs, name, s)
+            for dom, d in ex.domains().items():
+                assert f"data/mean_weight/{dom}" in tags
+                (ev,) = [e for e in ea.Scalars(f"data/mean_weight/{dom}") if e.step == s]
+                assert ev.value == pytest.approx(d["mean_weight"], rel=2e-4), (name, s, dom)
+                (ev,) = [e for e in ea.Scalars(f"data/weight_mass/{dom}") if e.step == s]
+                assert ev.value == pytest.approx(d["weight_mass"], rel=2e-4), (name, s, dom)
+            (ev,) = [e for e in ea.Scalars(SCALAR_TAGS["max_weight_bound"]) if e.step == s]
+            assert ev.value == pytest.approx(ex.row["max_weight_bound"], rel=1e-6)
+        hw = ea.Histograms(HIST_TAGS["weights"])
+        hl = ea.Histograms(HIST_TAGS["losses"])
+        assert [h.step for h in hw] == [1, 2, 4] == [h.step for h in hl]  # interval 2, and step 1
+        for h, l in zip(hw, hl):
+            ex = _expected(runs, name, h.step)
+            v = h.histogram_value
+            # every valid sample of every group once: buckets sum to Σ b_g, the weights to k
+            assert sum(v.bucket) == v.num == sum(ex.b), (name, h.step)
+            assert v.sum == pytest.approx(len(ex.groups), abs=1e-4)
+            assert v.sum_squares == pytest.approx(sum((w * w).sum() for w in ex.w), rel=2e-4)
+            assert v.max == pytest.approx(ex.row["max_weight"], rel=2e-4)
+            lv = l.histogram_value
+            valid_losses = np.concatenate([f[vv & np.isfinite(f)] for f, vv in ex.groups])
+            assert sum(lv.bucket) == len(valid_losses) and lv.sum == pytest.approx(valid_losses.sum(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_samples_tables_use_each_groups_b(runs):
     ids = corpus_ids()
-    ea = _acc(runs["linupper"])
-    top = ea.Tensors("data/top_weighted/text_summary")
-    bottom = ea.Tensors("data/bottom_weighted/text_summary")
-    assert [t.step for t in top] == [1, 20, 40] and len(bottom) == 3
-    samples = read_samples(runs["linupper"])
-    assert [s["step"] for s in samples] == [1, 20, 40]
-    for s, t_top, t_bot in zip(samples, top, bottom):
-        assert len(s["top"]) == len(s["bottom"]) == 3 and s["b"] == B
-        assert min(x["weight"] for x in s["top"]) >= max(x["weight"] for x in s["bottom"])
-        md = t_top.tensor_proto.string_val[0].decode() + t_bot.tensor_proto.string_val[0].decode()
-        for x in s["top"] + s["bottom"]:
-            assert x["doc_id"] in ids, x["doc_id"]
-            assert x["doc_id"] in md and x["url"] and x["url"] in md
-            assert x["text"].strip() and x["domain"] in x["doc_id"]
-    rows = {r["step"]: r for r in read_metrics(runs["linupper"])}
-    assert samples[-1]["top"][0]["weight"] == pytest.approx(rows[STEPS]["max_weight"], rel=1e-7)
+    for name in RUNS:
+        samples = read_samples(runs[name]["dir"])
+        assert [s["step"] for s in samples] == [1, 2, 4], name
+        ea = _acc(runs[name]["dir"])
+        top_md = {t.step: t.tensor_proto.string_val[0].decode() for t in ea.Tensors("data/top_weighted/text_summary")}
+        for s in samples:
+            ex = _expected(runs, name, s["step"])
+            rows = [n for n in range(len(ex.prov)) if ex.prov[n] and ex.row_valid(n)]
+            assert s["rows_seen"] == len(rows)
+            want_top = sorted((ex.bw(n) for n in rows), reverse=True)[:3]
+            want_bottom = sorted(ex.bw(n) for n in rows)[:3]
+            assert [x["weight_x_b"] for x in s["top"]] == pytest.approx(want_top, rel=2e-4), (name, s["step"])
+            assert [x["weight_x_b"] for x in s["bottom"]] == pytest.approx(want_bottom, rel=2e-4), (name, s["step"])
+            for x in s["top"] + s["bottom"]:
+                assert x["doc_id"] in ids and x["doc_id"] in top_md.get(s["step"], "") + json.dumps(s)
+                (n,) = [n for n in rows if max(ex.prov[n], key=lambda d: d.get("n_tokens") or 1)["doc_id"] == x["doc_id"] and
+                        abs(ex.groups[ex.where[n][0]][0][ex.where[n][1]] - x["loss"]) < 1e-4 * max(1, abs(x["loss"]))]
+                g, i = ex.where[n]
+                assert x["weight"] == pytest.approx(ex.w[g][i], rel=2e-4)
+                assert x["text"].strip() and x["domain"] in x["doc_id"]
 
 
 # ---------------------------------------------------------------------------- unit behaviour
@@ -201,10 +365,48 @@ def test_several_groups_per_step_and_invalid_samples(tmp_path):
     rl.close()
     assert row["max_weight"] == pytest.approx(max(float(g1.max_weight), float(g2.max_weight)))
     assert row["loss"] == pytest.approx((2.5 + 11 / 3) / 2, rel=1e-6)
-    assert row["b"] == 4
+    assert row["groups"] == 2
+    # the max weight is g2's (the 9.0): judged against g2's own bound 2/3, not 2/4
+    assert float(g2.max_weight) > float(g1.max_weight)
+    assert row["b"] == 3 and row["max_weight_bound"] == pytest.approx(2 / 3)
     ea = _acc(str(tmp_path))
     (h,) = ea.Histograms(HIST_TAGS["weights"])
     assert h.histogram_value.num == 7 and sum(h.histogram_value.bucket) == 7  # the invalid one left out
+
+
+def test_bound_is_checked_per_group(tmp_path):
+    """Group A (b = 8) breaks its 2/8 with a smaller max weight than group B (b = 3), which holds
+    its 2/3. A version judging the step's max weight against the largest group's 2/b reports B's
+    weight against 2/8 (ratio > 2, b = 8); one judging A against 2/3 counts no violation."""
+    a = _stats([0.0] * 7 + [5.0], temperature=1.0)  # max e/(e+7) = 0.28 > 2/8
+    b = _stats([0.0, 0.0, 1.0, float("nan")], temperature=2.0)  # max 0.45 < 2/3
+    wa, wb = float(a.max_weight), float(b.max_weight)
+    assert 2 / 8 < wa < wb < 2 / 3
+    rl = RunLogger.Config(log_interval=1).build(str(tmp_path), 0)
+    rl.record(1, [a, b], temperature=1.0)
+    rl.record(2, [b, b], temperature=1.0)
+    r1, r2 = rl.flush(2)
+    rl.close()
+    assert r1["bound_violations"] == 1 and r1["bound_ratio"] == pytest.approx(wa * 8 / 2, rel=1e-6)
+    assert r1["max_weight"] == pytest.approx(wb) and r1["b"] == 3 and r1["max_weight_bound"] == pytest.approx(2 / 3)
+    assert r2["bound_violations"] == 0 and r2["bound_ratio"] == pytest.approx(wb * 3 / 2, rel=1e-6)
+    assert r2["bound_violations_total"] == 1
+
+
+def test_domain_weights_and_samples_use_each_groups_b(tmp_path):
+    """Two micro-batch groups of 4 with uniform weights: every b·w is 1 (a version multiplying by
+    all 8 samples of the step reports 2.0), and the weight mass equals the share."""
+    groups = [_stats([1.0, 2.0, 3.0, 4.0], strategy="uniform"), _stats([5.0, 6.0, 7.0, 8.0], strategy="uniform")]
+    prov = [[{"domain": "ab"[i % 2], "doc_id": f"d{i}", "n_tokens": 8 + 8 * (i % 2)}] for i in range(8)]
+    rl = RunLogger.Config(log_interval=1, samples_interval=1, top_k=2).build(str(tmp_path), 0)
+    rl.record(1, groups, temperature=1.0, provenance=prov)
+    (row,) = rl.flush(1)
+    rl.close()
+    for dom in ("a", "b"):
+        assert row["domains"][dom]["mean_weight"] == pytest.approx(1.0, rel=1e-6)
+        assert row["domains"][dom]["weight_mass"] == pytest.approx(row["domains"][dom]["share"], rel=1e-6)
+    (s,) = read_samples(str(tmp_path))
+    assert s["b"] == 4 and all(x["weight_x_b"] == pytest.approx(1.0, rel=1e-6) for x in s["top"] + s["bottom"])
 
 
 def test_other_ranks_write_nothing(tmp_path):

@@ -542,17 +542,25 @@ def test_schedule_anneal_endpoints_and_monotone(anneal, target, warm):
         assert s(20 + 10) == pytest.approx(warm + (target - warm) * 0.5 * (1 - math.cos(math.pi * 0.2)))
 
 
-def test_schedule_state_dict_round_trip_resumes_step():
+def test_schedule_resume_keeps_the_step_and_the_configured_shape():
+    """The value is a pure function of the step, so a resume is right when (1) the step comes back
+    and (2) the run's configured shape is used, not the saved one (a user may change the target or
+    the anneal on resume). A version that restored the saved target answers 1.0 below instead of
+    the configured 2.0; one that lost the step answers the warm-up value at the next call."""
     a = TemperatureSchedule(target=1.0, warmup_value=100.0, warmup_steps=5, anneal="cosine", anneal_steps=10)
     for t in range(1, 9):
         a(t)
     state = a.state_dict()
     assert state["last_step"] == 8
-    b = TemperatureSchedule(target=1.0, warmup_value=100.0, warmup_steps=5, anneal="cosine", anneal_steps=10)
+    b = TemperatureSchedule(target=2.0, warmup_value=100.0, warmup_steps=5, anneal="cosine", anneal_steps=10)
     b.load_state_dict(state)
     assert b.last_step == 8
-    assert b.state_dict() == state
-    assert [b(t) for t in range(9, 20)] == [a(t) for t in range(9, 20)]
+    # Appendix A.2's cosine anneal, written here: r = r_warm + (r_target - r_warm)(1 - cos(pi t/T))/2
+    want = [100.0 + (2.0 - 100.0) * 0.5 * (1 - math.cos(math.pi * (t - 5) / 10)) if t < 15 else 2.0
+            for t in range(9, 20)]
+    assert [b(t) for t in range(9, 20)] == pytest.approx(want)
+    assert b(15) == 2.0 and a(15) == 1.0
+    assert b.state_dict() == dict(state, target=2.0, last_step=15)
 
 
 @pytest.mark.parametrize(

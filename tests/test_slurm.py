@@ -5,9 +5,10 @@ The Slurm tests need the daemons that `launch/slurm_local.sh` starts (CI: launch
 Without them they skip, saying so; with TITAN_RW_REQUIRE_SLURM=1 (set by CI) they fail instead,
 so CI can never pass by skipping.
 
-The job runs the real trainer (`-m titan_rw.train`, train_configs/debug_cpu.toml) when it is there;
-TITAN_RW_SLURM_STANDIN=1 swaps in tests/slurm_standin_train.py (same run-folder contract, seconds
-instead of a minute) to iterate on the scripts themselves.
+The jobs run the real trainer (`-m titan_rw.train`, train_configs/debug_cpu.toml, 2 gloo ranks,
+checkpointing on): the requeue and the USR1 tests check its real exit code (128 + signal), the
+checkpoint it saved on the signal, and that the requeued job resumes from it. The stand-in
+tests/slurm_standin_train.py serves only the test of launch/torchrun_multi.sh alone.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p for d in ("slurm", "launch") for p in (ROOT / d).glob("*.sh"))
-REQUIRE = os.environ.get("TITAN_RW_REQUIRE_SLURM") == "1"
-STANDIN = os.environ.get("TITAN_RW_SLURM_STANDIN") == "1" or not (ROOT / "titan_rw" / "train.py").exists()
+from needs import need_tool, skip_or_fail
 
 
 def _sh(*cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -53,11 +53,8 @@ def _slurm_missing() -> str | None:
 
 def _need_slurm() -> None:
     why = _slurm_missing()
-    if why is None:
-        return
-    if REQUIRE:
-        pytest.fail(f"TITAN_RW_REQUIRE_SLURM=1 but {why}")
-    pytest.skip(why)
+    if why is not None:
+        skip_or_fail(why)
 
 
 # ---- the scripts parse and are shellcheck-clean ------------------------------------------------
@@ -69,10 +66,7 @@ def test_bash_syntax(script: Path):
 
 
 def test_shellcheck_all_scripts():
-    if not shutil.which("shellcheck"):
-        if REQUIRE:
-            pytest.fail("shellcheck not installed (apt-get install shellcheck; launch/ci_services.sh does)")
-        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    need_tool("shellcheck", "apt-get install shellcheck (launch/ci_services.sh does)")
     r = _sh("shellcheck", "-x", "-P", "SCRIPTDIR", *[str(p.relative_to(ROOT)) for p in SCRIPTS], timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -94,14 +88,10 @@ def test_slurm_scripts_have_the_cluster_essentials():
 def _job_args(run_dir: Path, steps: int, interval: int) -> tuple[list[str], list[str]]:
     """(extra sbatch environment, trainer overrides) for a short debug_cpu job."""
     env = [f"RUN_DIR={run_dir}"]
-    if STANDIN:
-        env.append("TRAIN_SCRIPT=tests/slurm_standin_train.py")
-        over = ["--standin.step_seconds", "0.4"]
-    else:
-        # tiny and quick: no TensorBoard, log (and so flush metrics.jsonl) every step
-        over = ["--reweight.log_interval", "1", "--reweight.warmup_steps", "1",
-                "--lr_scheduler.warmup_steps", "2", "--metrics.enable_tensorboard", "false"]
-    over += ["--training.steps", str(steps), "--checkpoint.interval", str(interval)]
+    # the debug model, quick: no TensorBoard, log (and so flush metrics.jsonl) every step
+    over = ["--reweight.log_interval", "1", "--reweight.warmup_steps", "1", "--training.seq_len", "64",
+            "--lr_scheduler.warmup_steps", "2", "--metrics.enable_tensorboard", "false",
+            "--training.steps", str(steps), "--checkpoint.interval", str(interval)]
     return env, over
 
 
@@ -220,45 +210,56 @@ def test_scontrol_requeue_resumes_from_checkpoint(tmp_path):
         assert new[0] == ckpt + 1, f"resumed at step {new[0]}, expected {ckpt + 1} (checkpoint step-{ckpt})\n{log}"
         assert new == list(range(ckpt + 1, steps + 1)), new
         assert "restart 1 on 1 node(s)" in log and f"newest checkpoint: step-{ckpt}" in log, log
+        assert f"resumed from the checkpoint of step {ckpt}" in log, log
+        # the first attempt: the real trainer got Slurm's SIGTERM, saved the step it was in and
+        # exited with 128 + SIGTERM = 143 (a trainer dying without saving leaves only interval
+        # checkpoints, and the resumed run would redo steps: new[0] above would not be ckpt + 1)
+        stop = re.search(r"titan_rw: stopping at step (\d+): SIGTERM received; saved \S+; exit code (\d+)", log)
+        assert stop and int(stop.group(2)) == 128 + 15, log
+        assert int(stop.group(1)) == ckpt, log
     finally:
         _cancel(job)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(500)
 def test_usr1_before_time_limit_checkpoints_and_requeues_itself(tmp_path):
     """`#SBATCH --signal=B:USR1@N` sends USR1 to the batch shell N s before the time limit;
     `scancel --batch --signal=USR1` does the same now. The script forwards it through srun and
-    torchrun to the ranks, waits, and requeues the job. Uses the stand-in, which implements the
-    save-on-signal protocol, so the checkpoint is at the very step the signal stopped it."""
+    torchrun to the real trainer's ranks, which finish the step, save a checkpoint of it and exit
+    with 128 + SIGUSR1 = 138; the script requeues the job, which resumes from that checkpoint (the
+    interval is 100: any other checkpoint would be step-0 or none). A trainer that ignored the
+    signal would be killed at the time limit with nothing saved; one that exited 0 would look like
+    a finished run to Slurm's RequeueExit."""
     _need_slurm()
     run = tmp_path / "run"
-    steps = 20
-    name = f"titan-rw-test-{uuid.uuid4().hex[:8]}"
-    r = _sh("sbatch", "--parsable", f"--job-name={name}", f"--output={tmp_path}/slurm-%j.out",
-            f"--export=ALL,RUN_DIR={run},TRAIN_SCRIPT=tests/slurm_standin_train.py", "--time=00:10:00",
-            "slurm/debug_cpu.sh", "--training.steps", str(steps), "--checkpoint.interval", "100",
-            "--standin.step_seconds", "0.2")
-    job = r.stdout.strip().split(";")[0]
-    assert job.isdigit(), r
+    steps = 16
+    _, job = _sbatch(tmp_path, run, steps=steps, interval=100, wait=False)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300
         while len(_steps(run)) < 3:
+            state = _job(job).get("JobState")
+            assert state in ("PENDING", "CONFIGURING", "RUNNING"), (state, _log(tmp_path, job))
             assert time.time() < deadline, _log(tmp_path, job)
             time.sleep(0.5)
         assert _sh("scancel", "--batch", "--signal=USR1", job).returncode == 0
-        deadline = time.time() + 240
+        deadline = time.time() + 400
         while (state := _job(job).get("JobState")) != "COMPLETED":
-            assert state not in ("FAILED", "CANCELLED", "TIMEOUT"), (state, _log(tmp_path, job))
+            assert state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), (state, _log(tmp_path, job))
             assert time.time() < deadline, _log(tmp_path, job)
             time.sleep(1)
         log = _log(tmp_path, job)
         assert _job(job).get("Restarts") == "1", log
         assert "USR1: asking the trainer to checkpoint" in log and "requeueing job" in log, log
+        stop = re.search(r"titan_rw: stopping at step (\d+): SIGUSR1 received; saved (\S+); exit code (\d+)", log)
+        assert stop, log
+        k = int(stop.group(1))
+        assert int(stop.group(3)) == 128 + 10, log  # the trainer's real exit code: 128 + SIGUSR1
+        assert stop.group(2) == str(run / "checkpoint" / f"step-{k}"), log
+        assert 3 <= k < steps, log
         m = re.search(r"restart 1 .*\n.*newest checkpoint: step-(\d+)", log)
-        assert m, log
-        k = int(m.group(1))
-        assert 3 <= k < steps, log  # saved on the signal, not at an interval (100)
+        assert m and int(m.group(1)) == k, log
+        assert f"resumed from the checkpoint of step {k}" in log, log
         assert _steps(run) == list(range(1, steps + 1)), _steps(run)  # no step lost, none repeated
     finally:
         _cancel(job)
@@ -279,6 +280,30 @@ def test_torchrun_multi_two_nodes_on_localhost(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "world 2 resume from step 0" in outs[1], outs  # global rank 0 is on NODE_RANK=0
     assert _steps(run) == [1, 2, 3] and _checkpoints(run) == [3]
+
+
+def test_a_signal_delivered_twice_at_once_is_one_stop_request(tmp_path):
+    """Slurm signals every process of the step and torchrun forwards the signal too, so a rank gets
+    SIGTERM twice within milliseconds: that must stay one request (checkpoint, then exit 143). The
+    same signal again later still means "stop now" (the process dies of it). A handler treating
+    the duplicate as a second request kills the rank before its checkpoint (first run: -15)."""
+    code = (
+        "import os, signal, time\n"
+        "from titan_rw.trainer import ReweightTrainer, SAME_SIGNAL_WINDOW_S\n"
+        "class T: _signal_received = 0; _signal_time = 0.0; _rank = 0\n"
+        "t = T()\n"
+        "signal.signal(signal.SIGTERM, lambda s, f: ReweightTrainer._on_signal(t, s, f))\n"
+        "os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGTERM)\n"
+        "assert t._signal_received == signal.SIGTERM\n"
+        "print('alive after the duplicate', flush=True)\n"
+        "t._signal_time -= SAME_SIGNAL_WINDOW_S + 1\n"
+        "os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
+        "print('alive after the later one', flush=True)\n"
+    )
+    r = subprocess.run([os.sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                       capture_output=True, text=True, timeout=120)
+    assert "alive after the duplicate" in r.stdout, r.stderr[-2000:]
+    assert r.returncode == -15 and "alive after the later one" not in r.stdout, (r.returncode, r.stderr[-2000:])
 
 
 # ---- datatrove tokenization as a real Slurm array ---------------------------------------------
@@ -317,7 +342,13 @@ def test_tokenize_as_slurm_array_job(tmp_path: Path):
     shards = [open_shard(str(out / f"shard_{i:05d}.ds")) for i in range(2)]
     assert [s.n_docs for s in shards] == [5, 5]
     # it really ran as a Slurm array: two COMPLETED array tasks whose logs go under this output
-    ours = [j for j in _sh("scontrol", "show", "job", "-o").stdout.splitlines() if str(out) in j]
-    tasks = {re.search(r"ArrayTaskId=(\d+)", j).group(1) for j in ours
-             if "ArrayTaskId=" in j and "JobState=COMPLETED" in j and "titan_rw_tokenize" in j}
+    # (a task writes its completion marker before slurmd reports it COMPLETED: wait for that)
+    deadline = time.time() + 60
+    while True:
+        ours = [j for j in _sh("scontrol", "show", "job", "-o").stdout.splitlines() if str(out) in j]
+        tasks = {re.search(r"ArrayTaskId=(\d+)", j).group(1) for j in ours
+                 if "ArrayTaskId=" in j and "JobState=COMPLETED" in j and "titan_rw_tokenize" in j}
+        if tasks >= {"0", "1"} or time.time() > deadline:
+            break
+        time.sleep(1)
     assert tasks >= {"0", "1"}, ours

@@ -46,7 +46,25 @@ def test_main_writes_png_and_prints_table(tmp_path, capsys):
     assert rc == 0
     png = out / "toy_regression.png"
     data = png.read_bytes()
-    assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    # the figure really draws every strategy's curve: decode it and count the pixels in each line's
+    # color (matplotlib's default cycle, in strategy order). The legend alone has ~60 per color; a
+    # figure whose curves are missing (NaN data, a strategy left out, an empty axes) has no more.
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    rgb = mpimg.imread(str(png))[..., :3]
+    assert rgb.shape[:2] == (504, 768)  # 6.4 x 4.2 in at 120 dpi
+    cycle = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    assert len(toy.DEFAULT_STRATEGIES) < len(cycle)
+
+    def pixels(color):
+        want = np.array([int(color[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+        return int((np.abs(rgb - want).max(-1) < 0.02).sum())
+
+    for name, color in zip(toy.DEFAULT_STRATEGIES, cycle):
+        assert pixels(color) > 300, (name, color, pixels(color))
+    assert pixels(cycle[len(toy.DEFAULT_STRATEGIES)]) == 0  # and no curve more than the strategies
     text = capsys.readouterr().out
     for name in toy.DEFAULT_STRATEGIES:
         assert f"| {name} |" in text
@@ -55,3 +73,14 @@ def test_main_writes_png_and_prints_table(tmp_path, capsys):
 def test_main_rejects_unknown_strategy(tmp_path, capsys):
     assert toy.main(["--strategies", "uniform,nope", "--out", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_outliers_option_sets_m(tmp_path, capsys):
+    """--outliers m: Appendix B.3's 25 % (m = 1067 next to n = 3200) vs B.2's 20 % (the default 800)."""
+    assert toy.main(["--seeds", "1", "--steps", "5", "--early-steps", "5", "--outliers", "1067",
+                     "--strategies", "uniform", "--out", str(tmp_path)]) == 0
+    assert "n=3200, m=1067 outliers" in capsys.readouterr().out
+    assert toy.config_from_args(toy._parse(["--outliers", "1067"])).m == 1067
+    assert toy.ToyConfig().m == 800
+    assert toy.main(["--outliers", "-1", "--out", str(tmp_path)]) == 2
+    assert "--outliers must be >= 0" in capsys.readouterr().err

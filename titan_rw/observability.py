@@ -24,7 +24,13 @@ writes, per recorded step:
   bound/ratio_window                                     max·b/2 of each of the last N steps
   data/mean_weight/<domain>   mean b·w of the domain's rows (1 = uniform weight)
   data/share/<domain>         the domain's share of the rows (token-weighted)
-  data/weight_mass/<domain>   the domain's share of the total weight
+  data/weight_mass/<domain>   the domain's share of the total weight (of Σ b·w)
+
+b is always a reweighting group's own b (its valid samples). A step has k groups under gradient
+accumulation in `microbatch` scope, each with weights summing to 1: every sample's b·w uses its own
+group's b, the bound is checked per group against that group's c/b (bound/ratio is the largest
+max_g·b_g/c, bound/violations counts the groups above 1), and weights/max with bound/two_over_b
+(row keys max_weight, max_weight_bound, b) are the step's largest weight and its group's bound.
   data/top_weighted, data/bottom_weighted   text plugin: k most / least weighted samples
   perf/tokens_per_sec (per device), perf/mfu (%), perf/<extra key> (lr, grad_norm, ...)
 
@@ -238,20 +244,21 @@ class RunLogger:
             w = [g.weights.detach().float() for g in groups]
             max_w = torch.stack([g.max_weight.detach().float().reshape(()) for g in groups])
             b = torch.stack([g.b.detach().float().reshape(()) for g in groups])
-            ratio = max_w * b / c
+            ratio = max_w * b / c  # each group against its own bound c / b_g
             ess = torch.stack([1.0 / (x * x).sum().clamp(min=1e-30) for x in w])
             ent = torch.stack([-torch.where(x > 0, x * x.clamp(min=1e-30).log(), 0.0).sum() for x in w])
+            top = max_w.argmax().reshape(1)  # the group holding the step's max weight
             parts = [
                 torch.stack([g.mean_loss.detach().float().reshape(()) for g in groups]).mean(),
                 torch.stack([g.weighted_loss.detach().float().reshape(()) for g in groups]).mean(),
                 max_w.max(),
-                b.max(),
+                b.gather(0, top).reshape(()),  # its b: max_weight is judged against c / (this b)
                 ratio.max(),
                 (ratio > 1.0 + self.config.bound_tol).float().sum(),
                 ess.mean(),
                 ent.mean(),
             ]
-            host: dict[str, Any] = {}
+            host: dict[str, Any] = {"groups": len(groups)}
             dev_keys: list[str] = []
             if isinstance(temperature, torch.Tensor):
                 parts.append(temperature.detach().float().reshape(()))
@@ -277,6 +284,8 @@ class RunLogger:
             if want_hist or provenance is not None:
                 entry["weights"] = self._put(torch.cat(w))
                 entry["valid"] = self._put(torch.cat([g.valid.detach().reshape(-1) for g in groups]))
+                # each sample's own group b (b·w = 1 is uniform weight within its group)
+                entry["group_b"] = self._put(torch.cat([bg.expand(x.numel()) for bg, x in zip(b, w)]))
             if want_hist or want_samples:
                 entry["losses"] = self._put(torch.cat([g.losses.detach().reshape(-1) for g in groups]))
             entry["hist"] = want_hist
@@ -335,13 +344,14 @@ class RunLogger:
             weights = get(e["weights"]) if "weights" in e else None
             valid = get(e["valid"]) > 0.5 if "valid" in e else None
             losses = get(e["losses"]) if "losses" in e else None
+            group_b = get(e["group_b"]) if "group_b" in e else None
             if "prov" in e:
                 idx = e["prov_index"] if e["prov_index"] is not None else range(len(e["prov"]))
                 idx = np.asarray(list(idx), dtype=np.int64)
-                row["domains"] = _domain_stats(e["prov"], idx, weights, valid)
+                row["domains"] = _domain_stats(e["prov"], idx, weights, valid, group_b)
                 if e.get("samples"):
                     inputs = get(e["inputs"]) if "inputs" in e else None
-                    samples.append(self._samples(e["step"], e["prov"], idx, weights, valid, losses, inputs))
+                    samples.append(self._samples(e["step"], e["prov"], idx, weights, valid, losses, inputs, group_b))
             self._window.append((row["max_weight"], row["bound_ratio"]))
             rows.append(row)
             self._write_tb(row, e, weights, valid, losses)
@@ -362,7 +372,7 @@ class RunLogger:
         for k, x in row.items():
             if k in SCALAR_TAGS:
                 tag = SCALAR_TAGS[k]
-            elif k in ("step", "b", "domains") or not isinstance(x, (int, float)) or isinstance(x, bool):
+            elif k in ("step", "b", "groups", "domains") or not isinstance(x, (int, float)) or isinstance(x, bool):
                 continue
             else:
                 tag = _extra_tag(k)
@@ -397,12 +407,14 @@ class RunLogger:
                 self._samples_fh.write(json.dumps(s) + "\n")
             self._samples_fh.flush()
 
-    def _samples(self, step, prov, idx, weights, valid, losses, inputs) -> dict:
+    def _samples(self, step, prov, idx, weights, valid, losses, inputs, group_b) -> dict:
         k = self.config.top_k
         ok = np.array([valid[i] and bool(_docs(p)) for i, p in zip(idx, prov)], dtype=bool)
         cand = np.nonzero(ok)[0]  # provenance rows with a valid sample
-        cw, cl = weights[idx[cand]], losses[idx[cand]]
-        b = int(valid.sum())
+        # ranked by b·w, each sample against uniform weight in its own group (the groups' b differ
+        # when a group has invalid samples)
+        cw, cl = weights[idx[cand]] * group_b[idx[cand]], losses[idx[cand]]
+        bs = sorted({int(round(x)) for x in group_b[idx[cand]]})  # the b of the groups shown
         # ties (LinUpper saturates every h >= 0 at the same weight): the higher loss ranks first
         top = cand[np.lexsort((-cl, -cw))][:k]
         bottom = cand[np.lexsort((cl, cw))][:k]
@@ -422,7 +434,7 @@ class RunLogger:
                 text = info.get("text", "")
             return {
                 "weight": float(weights[idx[r]]),
-                "weight_x_b": float(weights[idx[r]]) * b,
+                "weight_x_b": float(weights[idx[r]]) * float(group_b[idx[r]]),  # its own group's b
                 "loss": float(losses[idx[r]]),
                 "domain": d.get("domain"),
                 "doc_id": d.get("doc_id"),
@@ -432,7 +444,7 @@ class RunLogger:
 
         return {
             "step": int(step),
-            "b": b,
+            "b": bs[0] if len(bs) == 1 else bs,  # a list when the groups' b differ
             "rows_seen": int(len(cand)),
             "top": [describe(r) for r in top],
             "bottom": [describe(r) for r in bottom],
@@ -482,9 +494,12 @@ def _main_doc(p) -> dict:
     return max(docs, key=lambda d: d.get("n_tokens", 1))
 
 
-def _domain_stats(prov, idx, weights, valid) -> dict[str, dict[str, float]]:
-    """Per domain over the provenance rows: token share, mean b·w, share of the total weight."""
-    b = max(int(valid.sum()), 1)
+def _domain_stats(prov, idx, weights, valid, group_b) -> dict[str, dict[str, float]]:
+    """Per domain over the provenance rows: token share, mean b·w, share of the total weight.
+
+    b is each sample's own group's b (under gradient accumulation in `microbatch` scope every
+    micro-batch group's weights sum to 1 on their own), so b·w = 1 is uniform weighting, and the
+    weight mass sums b·w: each group's samples count alike, whatever the groups' sizes."""
     share: dict[str, float] = collections.defaultdict(float)
     wsum: dict[str, float] = collections.defaultdict(float)
     rows = 0
@@ -495,7 +510,7 @@ def _domain_stats(prov, idx, weights, valid) -> dict[str, dict[str, float]]:
             continue
         rows += 1
         n = sum(max(d.get("n_tokens", 1), 0) for d in docs) or len(docs)
-        w = float(weights[i])
+        w = float(weights[i]) * float(group_b[i])  # b·w
         total_w += w
         for d in docs:
             frac = (max(d.get("n_tokens", 1), 0) / n) if n else 1.0 / len(docs)
@@ -506,7 +521,7 @@ def _domain_stats(prov, idx, weights, valid) -> dict[str, dict[str, float]]:
     for dom in sorted(share):
         out[dom] = {
             "share": share[dom] / rows,
-            "mean_weight": wsum[dom] * b / share[dom] if share[dom] else float("nan"),
+            "mean_weight": wsum[dom] / share[dom] if share[dom] else float("nan"),
             "weight_mass": wsum[dom] / total_w if total_w > 0 else float("nan"),
         }
     return out
@@ -524,7 +539,8 @@ def _md_cell(s: Any) -> str:
 def _samples_markdown(s: dict, which: str) -> str:
     title = "most" if which == "top" else "least"
     lines = [
-        f"**{len(s[which])} {title} weighted of {s['rows_seen']} samples with provenance (b = {s['b']})**",
+        f"**{len(s[which])} {title} weighted of {s['rows_seen']} samples with provenance "
+        f"(b = {s['b']}{' per group' if isinstance(s['b'], list) else ''})**",
         "",
         "| # | b·w | loss | domain | doc id | url | text |",
         "|---|---|---|---|---|---|---|",

@@ -106,6 +106,8 @@ class Progress:
     def row_line(self, row: dict, *, tokens: int | None = None) -> str:
         """The line for a metrics.jsonl row (as `RunLogger.flush` returns them)."""
         extra = {k: row[k] for k in ("lr", "grad_norm", "temperature") if k in row}
+        if row.get("bound_violations"):  # groups above their own 2/b (one may not hold the max weight)
+            extra["bound_violations"] = row["bound_violations"]
         return self.line(
             row["step"],
             tokens=tokens,

@@ -122,11 +122,12 @@ class FaultConfig:
     """`[fault]`: what the trainer does about non-finite values and signals (docs/resuming.md).
 
     The keys marked TESTING are fault-injection knobs for the tests; they run the real code paths
-    (a real NaN in the loss or the gradient, a real signal or SIGKILL) and are off by default."""
+    (a real non-finite activation inside the model, a real NaN gradient, a real signal or SIGKILL)
+    and are off by default."""
 
     max_consecutive_skips: int = 10
     """Stop the run (after a checkpoint) when this many optimizer steps in a row were skipped for a
-    non-finite gradient norm; 0: never stop."""
+    non-finite gradient norm or a non-finite per-sample loss; 0: never stop."""
     signal_check_interval: int = 1
     """Steps between the ranks' agreement on a received SIGTERM/SIGUSR1: one all-reduce of an int on
     the default process group (on GPU also a device sync, hence 10 in the GPU configs)."""
@@ -138,7 +139,8 @@ class FaultConfig:
     """Every rank appends the rows it was served, per step, to <dump_folder>/audit/rank<N>.jsonl
     (dataset, epoch, row per sample): proof that a resumed run neither repeats nor skips data."""
     nan_loss_steps: list[int] = field(default_factory=list)
-    """TESTING: at these steps, sample 0 of the first micro-batch on DP rank `rank` gets a NaN loss."""
+    """TESTING: at these steps, sample 0 of the first micro-batch on DP rank `rank` gets +inf as its
+    token-embedding output: a real non-finite activation through every layer (its loss is NaN)."""
     nan_grad_steps: list[int] = field(default_factory=list)
     """TESTING: at these steps, one gradient element on DP rank `rank` becomes NaN after backward."""
     rank: int = 0
@@ -194,6 +196,10 @@ class TrainingStopped(Exception):
 
 # Exit code when max_consecutive_skips stops the run.
 EXIT_TOO_MANY_SKIPS = 3
+# A signal repeated within this many seconds is the same request: Slurm's scancel / requeue /
+# pre-emption signals every process of the job step, and torchrun forwards the same signal to its
+# workers, so a rank gets it twice at once. Repeated later, it means "stop now".
+SAME_SIGNAL_WINDOW_S = 5.0
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -351,11 +357,9 @@ class ReweightTrainer(Trainer):
 
     # ------------------------------------------------------------------ the step's body
     def _per_sample(self, inputs, labels, extra_kwargs, mb_index: int = 0):
+        self._inject_row = self._inject_nan_loss and mb_index == 0  # read by _embedding_fault_hook
         hidden = self.model_parts[0](inputs, **extra_kwargs)
         losses, n_valid = per_sample_loss(self.lm_head, hidden, labels, num_chunks=self.rw.loss_chunks)
-        if self._inject_nan_loss and mb_index == 0:  # TESTING knob: a real NaN through the real path
-            first = torch.arange(losses.shape[0], device=losses.device) == 0
-            losses = torch.where(first, torch.full_like(losses, float("nan")), losses)
         return losses, n_valid
 
     def _forward_backward_body(
@@ -478,7 +482,8 @@ class ReweightTrainer(Trainer):
             ep_enabled=self.parallel_dims.ep_enabled,
         )
         self.checkpointer.maybe_wait_for_staging()
-        self._optimizer_step(grad_norm)
+        self._nonfinite_now = self._count_nonfinite()
+        self._optimizer_step(grad_norm, self._nonfinite_now)
         self.lr_schedulers.step()
 
         self._record(grad_norm, lr, temperature, provenance, sample_inputs, self._periodic_eval())
@@ -526,12 +531,16 @@ class ReweightTrainer(Trainer):
         if self._is_flush_step():
             self._flush()
 
+    def _count_nonfinite(self) -> torch.Tensor:
+        """Samples of the step's groups (gathered over DP: every rank counts the same) whose loss
+        is NaN/inf, as a device int."""
+        return sum(((~torch.isfinite(s.losses)).sum() for s in self._groups),
+                   torch.zeros((), dtype=torch.int64, device=self.device))
+
     def _fault_metrics(self) -> dict[str, Any]:
         """Per-step fault counters (device tensors) merged into the metrics row."""
-        nonfinite = sum(((~torch.isfinite(s.losses)).sum() for s in self._groups),
-                        torch.zeros((), dtype=torch.int64, device=self.device))
         return {
-            "nonfinite_samples": nonfinite,  # samples of the step's groups with a NaN/inf loss: weight 0
+            "nonfinite_samples": self._nonfinite_now,  # NaN/inf losses in the step: weight 0, step dropped
             "skipped": self._skipped_now,  # 1 when this step's optimizer update was skipped
             "skipped_steps": self._skipped_total,  # since the start of the run (checkpointed)
             "consecutive_skips": self._consec,
@@ -545,12 +554,12 @@ class ReweightTrainer(Trainer):
         rows = self.run_logger.flush(self.step)  # the one device->host read of the interval
         for r in rows:
             if r.get("skipped", 0) > 0:
+                why = (f"{int(r['nonfinite_samples'])} sample(s) with a non-finite loss"
+                       if r.get("nonfinite_samples", 0) > 0 else f"non-finite gradient norm ({r.get('grad_norm')})")
                 logger.warning(
-                    f"step {r['step']}: non-finite gradient norm ({r.get('grad_norm')}); optimizer step skipped "
+                    f"step {r['step']}: {why}; optimizer step skipped "
                     f"({int(r.get('consecutive_skips', 0))} in a row, {int(r.get('skipped_steps', 0))} in the run)"
                 )
-            if r.get("nonfinite_samples", 0) > 0:
-                logger.warning(f"step {r['step']}: {int(r['nonfinite_samples'])} sample(s) with a non-finite loss got weight 0")
         if rows and self._is_rank0:
             logger.info(self.progress.row_line(rows[-1]))
         return rows
@@ -558,7 +567,10 @@ class ReweightTrainer(Trainer):
     # ------------------------------------------------------------------ faults
     def _init_faults(self, config) -> None:
         f = self.fault = config.fault
-        self._inject_nan_loss = False
+        self._inject_nan_loss = self._inject_row = False
+        self._nonfinite_now = torch.zeros((), dtype=torch.int64, device=self.device)
+        if f.nan_loss_steps:  # TESTING knob: the hook exists only when the knob is set
+            self.model_parts[0].tok_embeddings.register_forward_hook(self._embedding_fault_hook)
         self._fb_calls = 0
         z = lambda: torch.zeros((), dtype=torch.int64, device=self.device)  # noqa: E731
         self._skipped_now, self._skipped_total, self._consec, self._max_consec = z(), z(), z(), z()
@@ -569,6 +581,7 @@ class ReweightTrainer(Trainer):
         )
         self._stop_reason: tuple[str, int] | None = None
         self._signal_received = 0
+        self._signal_time = 0.0
         self._prev_handlers: dict[int, Any] = {}
         import threading
 
@@ -593,13 +606,26 @@ class ReweightTrainer(Trainer):
         return self.fault.kill_rank in (-1, self._rank)
 
     def _on_signal(self, signum, _frame) -> None:
-        if self._signal_received == signum:  # the same signal twice: stop now, without a checkpoint
-            signal.signal(signum, signal.SIG_DFL)
+        import time
+
+        if self._signal_received == signum:
+            if time.monotonic() - self._signal_time < SAME_SIGNAL_WINDOW_S:
+                return  # one stop request delivered twice: by Slurm to every process of the step and by torchrun
+            signal.signal(signum, signal.SIG_DFL)  # asked again later: stop now, without a checkpoint
             os.kill(os.getpid(), signum)
             return
         self._signal_received = signum
+        self._signal_time = time.monotonic()
         sys.stderr.write(f"[titan_rw] rank {self._rank}: received {signal.Signals(signum).name}; "
                          "will checkpoint and exit after the current step\n")
+
+    def _embedding_fault_hook(self, _module, _args, out):
+        """TESTING (fault.nan_loss_steps): +inf in sample 0's token embeddings, so the non-finite
+        value starts inside the model and flows through every layer, as a real overflow would."""
+        if not self._inject_row:
+            return None
+        first = (torch.arange(out.shape[0], device=out.device) == 0).view(-1, *([1] * (out.dim() - 1)))
+        return torch.where(first, torch.full_like(out, float("inf")), out)
 
     @torch.no_grad()
     def _inject_nan_grad(self) -> None:
@@ -614,11 +640,13 @@ class ReweightTrainer(Trainer):
                 loc.view(-1)[0] = float("nan")
                 return
 
-    def _optimizer_step(self, grad_norm: torch.Tensor) -> None:
-        """The optimizer step, skipped when the gradient norm is not finite (the LR and temperature
-        schedules still advance: the step's data is consumed; parameters and optimizer moments and
-        step counts are untouched)."""
-        ok = torch.isfinite(grad_norm.detach().float().reshape(()))
+    def _optimizer_step(self, grad_norm: torch.Tensor, nonfinite_samples: torch.Tensor) -> None:
+        """The optimizer step, skipped when the gradient norm is not finite or any sample of the
+        step has a non-finite loss (docs/resuming.md, "Non-finite values": a non-finite activation
+        reaches every weight gradient through its row, x·g with x = NaN, so the step is dropped
+        rather than trusted). The LR and temperature schedules still advance: the step's data is
+        consumed; parameters and optimizer moments and step counts are untouched."""
+        ok = torch.isfinite(grad_norm.detach().float().reshape(())) & (nonfinite_samples == 0)
         bad = (~ok).to(torch.int64)
         if self._fused_skip:
             found_inf = bad.float()
@@ -646,7 +674,7 @@ class ReweightTrainer(Trainer):
         self._max_consec = self._consec.clone()
         if worst >= n:
             self._stop_reason = (
-                f"{worst} consecutive optimizer steps skipped for a non-finite gradient norm "
+                f"{worst} consecutive optimizer steps skipped for a non-finite gradient norm or loss "
                 f"(fault.max_consecutive_skips = {n}); the model is that of the last good step",
                 EXIT_TOO_MANY_SKIPS,
             )

@@ -250,6 +250,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate (default %(default)s)")
     ap.add_argument("--temperature", type=float, default=d.temperature, help="r in Eq. (4) (default %(default)s)")
     ap.add_argument("--cap", type=float, default=None, help="optional weight cap c: w <= c/b (default: none)")
+    ap.add_argument("--outliers", type=int, default=d.m,
+                    help=f"m, the outlier samples next to n = {d.n} clean ones (default %(default)s = 20 %% of all, "
+                         "Appendix B.2; 1067 = 25 %% of all, the B.3 setting)")
     ap.add_argument(
         "--strategies",
         default=",".join(d.strategies),
@@ -264,6 +267,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def config_from_args(a: argparse.Namespace) -> ToyConfig:
     strategies = tuple(s.strip() for s in a.strategies.split(",") if s.strip())
+    if a.outliers < 0:
+        raise ValueError(f"--outliers must be >= 0, got {a.outliers}")
     cfg = ToyConfig(
         seeds=a.seeds,
         steps=a.steps,
@@ -271,6 +276,7 @@ def config_from_args(a: argparse.Namespace) -> ToyConfig:
         lr=a.lr,
         temperature=a.temperature,
         cap=a.cap,
+        m=a.outliers,
         strategies=strategies,
         early_steps=a.early_steps,
         threshold=a.threshold,
