@@ -5,6 +5,7 @@
     titan-rw tokenize ...             FineWeb parquet -> datatrove token shards
     titan-rw report RUN_DIR [RUN_DIR ...]   Figure 6 and loss curves as PNG + summary.md
     titan-rw eval RUN_DIR --tasks ...  lm-evaluation-harness on a checkpoint
+    titan-rw export RUN_DIR --hf OUT   a Hugging Face transformers Llama folder from a checkpoint
     titan-rw weights ...              show the paper's weights for a batch of losses
     titan-rw experiment toy-regression|duplicates ...
 
@@ -24,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "tokenize": ("titan_rw.data.cli", "tokenize_main", "tokenize parquet text into datatrove token shards"),
     "report": ("titan_rw.report", "report_main", "Figure 6, max weight vs 2/b, loss curves, summary of runs"),
     "eval": ("titan_rw.eval.cli", "eval_main", "evaluate a run or checkpoint with lm-evaluation-harness"),
+    "export": ("titan_rw.export", "export_main", "write a Hugging Face transformers Llama folder from a checkpoint"),
+    "lm-eval": ("titan_rw.eval.lm_eval_cli", "main", "lm-eval's own CLI with the titan_rw model and local tasks"),
     "weights": ("titan_rw.cli", "weights_main", "print the paper's weights for given losses"),
 }
 SUBGROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
