@@ -148,10 +148,11 @@ def _save_tokenizer(model_path: str, out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copyfile(model_path, os.path.join(tmp, "tokenizer.model"))
         # Our sentencepiece model: identity normalization, no dummy prefix; "legacy" keeps
-        # transformers from adding a prefix space, so its ids equal sentencepiece's.
+        # transformers from adding a prefix space, and split_special_tokens reads "<s>" in a text
+        # as text (sentencepiece does), so its ids equal sentencepiece's.
         with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
             json.dump({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-                       "legacy": True, "add_prefix_space": False}, f)
+                       "legacy": True, "add_prefix_space": False, "split_special_tokens": True}, f)
         tok = AutoTokenizer.from_pretrained(tmp)
         tok.save_pretrained(str(out))
     shutil.copyfile(model_path, out / "tokenizer.model")
