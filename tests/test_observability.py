@@ -95,14 +95,20 @@ def test_scalar_tags_match_metrics(runs):
 def test_weight_histograms_sum_to_b_and_match_metrics(runs):
     rows = {r["step"]: r for r in read_metrics(runs["linupper"])}
     ea = _acc(runs["linupper"])
-    hw = ea.Histograms(HIST_TAGS["weights"])
+    from tensorboard.util import tensor_util
+
+    hw = ea.Tensors(HIST_TAGS["weights"])  # (left, right, count) buckets, empty ones kept
     assert [h.step for h in hw] == [1, 10, 20, 30, 40]  # histogram_interval=10, and step 1
     for h in hw:
-        v, r = h.histogram_value, rows[h.step]
-        assert sum(v.bucket) == r["b"] == v.num == B
-        assert v.max == pytest.approx(r["max_weight"], rel=1e-7)
-        assert v.sum == pytest.approx(1.0, abs=1e-5)
-        assert v.sum_squares == pytest.approx(1 / r["ess"], rel=1e-5)
+        v, r = tensor_util.make_ndarray(h.tensor_proto), rows[h.step]
+        assert v[:, 2].sum() == r["b"] == B
+        # the axis runs from 0 to max(2/b, max w): the bound is on it (docs/observability.md)
+        assert v[0, 0] == 0.0 and v[-1, 1] == pytest.approx(max(r["max_weight_bound"], r["max_weight"]), rel=1e-7)
+        assert np.allclose(v[1:, 0], v[:-1, 1])  # contiguous equal buckets
+        last = v[v[:, 2] > 0][-1]
+        assert last[0] <= r["max_weight"] <= last[1] * (1 + 1e-9)
+        centers = (v[:, 0] + v[:, 1]) / 2
+        assert (centers * v[:, 2]).sum() == pytest.approx(1.0, abs=B * (v[0, 1] - v[0, 0]) / 2 + 1e-6)  # Σw = 1
     hl = ea.Histograms(HIST_TAGS["losses"])
     for h in hl:
         v, r = h.histogram_value, rows[h.step]
@@ -203,8 +209,10 @@ def test_several_groups_per_step_and_invalid_samples(tmp_path):
     assert row["loss"] == pytest.approx((2.5 + 11 / 3) / 2, rel=1e-6)
     assert row["b"] == 4
     ea = _acc(str(tmp_path))
-    (h,) = ea.Histograms(HIST_TAGS["weights"])
-    assert h.histogram_value.num == 7 and sum(h.histogram_value.bucket) == 7  # the invalid one left out
+    from tensorboard.util import tensor_util
+
+    (h,) = ea.Tensors(HIST_TAGS["weights"])
+    assert tensor_util.make_ndarray(h.tensor_proto)[:, 2].sum() == 7  # the invalid one left out
 
 
 def test_other_ranks_write_nothing(tmp_path):
@@ -267,3 +275,22 @@ def test_progress_line():
     assert fmt_duration(3725) == "1h02m" and fmt_duration(float("nan")) == "?"
     row = {"step": 5, "loss": 1.0, "max_weight": 0.01, "max_weight_bound": 0.0156, "lr": 3e-4}
     assert "lr 0.0003" in Progress(total=None).row_line(row)
+
+
+def test_fault_counters_in_health_and_no_mfu_without_peak(tmp_path):
+    """The trainer's fault counters are TensorBoard's health/ group; without a peak FLOPS (a CPU
+    run) no perf/mfu is written; the Custom Scalars layout puts weights/max and 2/b in one chart."""
+    from titan_rw.observability import tensorboard_layout
+
+    rl = RunLogger.Config(log_interval=1).build(str(tmp_path), 0, num_flops_per_token=1e6, peak_flops=None)
+    rl.record(1, _stats([1.0, 3.0]), temperature=1.0, ntokens=128,
+              extra={"skipped": torch.tensor(1), "nonfinite_samples": torch.tensor(2), "lr": 1e-3})
+    rl.close()
+    ea = _acc(str(tmp_path))
+    tags = set(ea.Tags()["scalars"])
+    assert {"health/skipped", "health/nonfinite_samples", "perf/lr", "perf/tokens_per_sec"} <= tags
+    assert not any(t.endswith("mfu") for t in tags) and "perf/skipped" not in tags
+    assert ea.Scalars("health/nonfinite_samples")[0].value == 2.0
+    layout = tensorboard_layout()
+    assert list(layout)[0] == "losses"
+    assert ["^weights/max$", "^bound/two_over_b$"] in [c[1] for cat in layout.values() for c in cat.values()]
