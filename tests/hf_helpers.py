@@ -38,8 +38,9 @@ def run(cmd, tmp, timeout=600) -> subprocess.CompletedProcess:
 def trained_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hf_run")
     out = tmp / "run"
-    run([sys.executable, "-m", "titan_rw.train", *TRAIN, "--job.dump_folder", str(out)], tmp)
+    p = run([sys.executable, "-m", "titan_rw.train", *TRAIN, "--job.dump_folder", str(out)], tmp)
     assert (out / "checkpoint" / f"step-{STEPS}" / ".metadata").is_file()
+    (tmp / "console.txt").write_text(p.stdout + p.stderr)  # what a user sees (tests/test_console.py)
     return out
 
 

@@ -95,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
+    if argv[0] in ("-V", "--version"):
+        from titan_rw import __version__
+
+        print(f"titan-rw {__version__}")
+        return 0
     cmd, rest = argv[0], argv[1:]
     if cmd in COMMANDS:
         return _run(COMMANDS[cmd], rest)
@@ -102,7 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         subs = SUBGROUPS[cmd]
         if rest and rest[0] in subs:
             return _run(subs[rest[0]], rest[1:])
-        print(f"titan-rw {cmd}: choose one of: {', '.join(subs)}", file=sys.stderr)
+        usage = "\n".join([f"usage: titan-rw {cmd} {{{','.join(subs)}}} [args]  "
+                           f"(titan-rw {cmd} NAME --help for its options)", ""]
+                          + [f"  {name:20s} {doc}" for name, (_, _, doc) in subs.items()])
+        if not rest or rest[0] in ("-h", "--help", "help"):
+            print(usage)
+            return 0
+        print(f"titan-rw {cmd}: unknown {rest[0]!r}\n\n{usage}", file=sys.stderr)
         return 2
     print(f"titan-rw: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
     return 2
