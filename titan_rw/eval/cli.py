@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None, help="paper | paper_lur | paper_qa | local | comma-separated lm-eval tasks (default: local)")
     p.add_argument("--limit", type=float, default=None, help="examples per task (testing only; <1 = fraction)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--output", default=None, help="folder for results.json and results.md")
+    p.add_argument("--out", "--output", dest="output", default=None, help="folder for results.json and results.md")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto (bf16 on cuda, fp32 on cpu)")
     p.add_argument("--flavor", default=None, help="model flavor, if the run folder has no run_config.toml")
