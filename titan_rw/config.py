@@ -49,7 +49,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(kw_only=True)
 class JobSection:
-    dump_folder: str = "./outputs"
+    dump_folder: str = "./runs"
     description: str = ""
     seed: int | None = 0
     portable_init: bool = True

@@ -1,7 +1,7 @@
 """`titan-rw export RUN [--step N] --hf OUT`: a Hugging Face `transformers` Llama folder from a checkpoint.
 
-    titan-rw export outputs/debug_cpu --hf outputs/debug_cpu/hf
-    titan-rw export outputs/debug_cpu --step 200 --hf /tmp/llama-step200 --dtype bfloat16
+    titan-rw export runs/debug_cpu --hf runs/debug_cpu/hf
+    titan-rw export runs/debug_cpu --step 200 --hf /tmp/llama-step200 --dtype bfloat16
 
 OUT then holds what `transformers.AutoModelForCausalLM.from_pretrained(OUT)` and
 `AutoTokenizer.from_pretrained(OUT)` read: `model.safetensors` (sharded with an index above

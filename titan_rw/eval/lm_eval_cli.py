@@ -1,8 +1,8 @@
 """`titan-rw-lm-eval`: lm-evaluation-harness's own command line, with titan_rw's model and tasks known.
 
-    titan-rw-lm-eval --model titan_rw --model_args pretrained=outputs/debug_cpu \\
-        --tasks titan_rw_local_mc,titan_rw_local_ppl --output_path outputs/debug_cpu/lm_eval
-    titan-rw-lm-eval --model hf --model_args pretrained=outputs/debug_cpu/hf,max_length=128 \\
+    titan-rw-lm-eval --model titan_rw --model_args pretrained=runs/debug_cpu \\
+        --tasks titan_rw_local_mc,titan_rw_local_ppl --output_path runs/debug_cpu/lm_eval
+    titan-rw-lm-eval --model hf --model_args pretrained=runs/debug_cpu/hf,max_length=128 \\
         --tasks titan_rw_local_mc,titan_rw_local_ppl
     titan-rw-lm-eval ls tasks
 
