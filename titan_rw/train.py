@@ -159,7 +159,10 @@ def run(config) -> int:
             logger.info("Created seed checkpoint (step-0): runs in this folder start from it")
         else:
             trainer.train()
-            _print_summary(trainer, config)
+            try:
+                _print_summary(trainer, config)
+            except Exception as e:  # noqa: BLE001 - the run is done; a summary must not fail it
+                logger.warning(f"titan_rw: no run summary ({type(e).__name__}: {e})")
     except TrainingStopped as e:
         code = e.exit_code
         print(str(e), file=sys.stderr)
