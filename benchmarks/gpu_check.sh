@@ -32,7 +32,7 @@ if [[ -z "${VIRTUAL_ENV:-}" && -f .venv/bin/activate ]]; then
     source .venv/bin/activate
 fi
 
-OUT="${1:-outputs/gpu_check-$(date +%Y%m%d-%H%M%S)}"
+OUT="${1:-runs/gpu_check-$(date +%Y%m%d-%H%M%S)}"
 if [[ $# -gt 0 ]]; then shift; fi
 PYTHON="${PYTHON:-python}"
 CONFIG="${CONFIG:-train_configs/llama_1p4b.toml}"

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
 
 from obs_helpers import corpus_ids
 from titan_rw.loss import reweighted_loss
@@ -257,17 +258,20 @@ def test_tensorboard_scalars_and_histograms_match_the_reference(runs):
                 assert ev.value == pytest.approx(d["weight_mass"], rel=2e-4), (name, s, dom)
             (ev,) = [e for e in ea.Scalars(SCALAR_TAGS["max_weight_bound"]) if e.step == s]
             assert ev.value == pytest.approx(ex.row["max_weight_bound"], rel=1e-6)
-        hw = ea.Histograms(HIST_TAGS["weights"])
+        hw = ea.Tensors(HIST_TAGS["weights"])  # explicit (left, right, count) buckets
         hl = ea.Histograms(HIST_TAGS["losses"])
         assert [h.step for h in hw] == [1, 2, 4] == [h.step for h in hl]  # interval 2, and step 1
         for h, l in zip(hw, hl):
             ex = _expected(runs, name, h.step)
-            v = h.histogram_value
+            v = tensor_util.make_ndarray(h.tensor_proto)
+            w_all = np.concatenate([w[vv & np.isfinite(f)] for w, (f, vv) in zip(ex.w, ex.groups)])
             # every valid sample of every group once: buckets sum to Σ b_g, the weights to k
-            assert sum(v.bucket) == v.num == sum(ex.b), (name, h.step)
-            assert v.sum == pytest.approx(len(ex.groups), abs=1e-4)
-            assert v.sum_squares == pytest.approx(sum((w * w).sum() for w in ex.w), rel=2e-4)
-            assert v.max == pytest.approx(ex.row["max_weight"], rel=2e-4)
+            assert v[:, 2].sum() == len(w_all) == sum(ex.b), (name, h.step)
+            # the axis reaches the step's bound (or the max weight, if above it)
+            top = max(ex.row["max_weight_bound"], ex.row["max_weight"])
+            assert v[0, 0] == 0.0 and v[-1, 1] == pytest.approx(top, rel=2e-4), (name, h.step)
+            want, _ = np.histogram(w_all, bins=np.linspace(0.0, v[-1, 1], len(v) + 1))
+            assert np.abs(v[:, 2] - want).sum() <= 2, (name, h.step)  # edge ties at fp32 rounding
             lv = l.histogram_value
             valid_losses = np.concatenate([f[vv & np.isfinite(f)] for f, vv in ex.groups])
             assert sum(lv.bucket) == len(valid_losses) and lv.sum == pytest.approx(valid_losses.sum(), rel=1e-5)
@@ -370,8 +374,10 @@ def test_several_groups_per_step_and_invalid_samples(tmp_path):
     assert float(g2.max_weight) > float(g1.max_weight)
     assert row["b"] == 3 and row["max_weight_bound"] == pytest.approx(2 / 3)
     ea = _acc(str(tmp_path))
-    (h,) = ea.Histograms(HIST_TAGS["weights"])
-    assert h.histogram_value.num == 7 and sum(h.histogram_value.bucket) == 7  # the invalid one left out
+    from tensorboard.util import tensor_util
+
+    (h,) = ea.Tensors(HIST_TAGS["weights"])
+    assert tensor_util.make_ndarray(h.tensor_proto)[:, 2].sum() == 7  # the invalid one left out
 
 
 def test_bound_is_checked_per_group(tmp_path):
@@ -469,3 +475,22 @@ def test_progress_line():
     assert fmt_duration(3725) == "1h02m" and fmt_duration(float("nan")) == "?"
     row = {"step": 5, "loss": 1.0, "max_weight": 0.01, "max_weight_bound": 0.0156, "lr": 3e-4}
     assert "lr 0.0003" in Progress(total=None).row_line(row)
+
+
+def test_fault_counters_in_health_and_no_mfu_without_peak(tmp_path):
+    """The trainer's fault counters are TensorBoard's health/ group; without a peak FLOPS (a CPU
+    run) no perf/mfu is written; the Custom Scalars layout puts weights/max and 2/b in one chart."""
+    from titan_rw.observability import tensorboard_layout
+
+    rl = RunLogger.Config(log_interval=1).build(str(tmp_path), 0, num_flops_per_token=1e6, peak_flops=None)
+    rl.record(1, _stats([1.0, 3.0]), temperature=1.0, ntokens=128,
+              extra={"skipped": torch.tensor(1), "nonfinite_samples": torch.tensor(2), "lr": 1e-3})
+    rl.close()
+    ea = _acc(str(tmp_path))
+    tags = set(ea.Tags()["scalars"])
+    assert {"health/skipped", "health/nonfinite_samples", "perf/lr", "perf/tokens_per_sec"} <= tags
+    assert not any(t.endswith("mfu") for t in tags) and "perf/skipped" not in tags
+    assert ea.Scalars("health/nonfinite_samples")[0].value == 2.0
+    layout = tensorboard_layout()
+    assert list(layout)[0] == "losses"
+    assert ["^weights/max$", "^bound/two_over_b$"] in [c[1] for cat in layout.values() for c in cat.values()]

@@ -32,7 +32,10 @@ def test_report_one_run_default_folder(runs, capsys):
     assert report_main([run]) == 0
     out = os.path.join(run, "report")
     names = sorted(os.listdir(out))
-    assert names == ["domain_weight.png", "fig6_max_weight.png", "loss.png", "max_weight_steps.png", "summary.md"]
+    figs = ["domain_weight", "fig6_max_weight", "loss", "max_weight_steps"]
+    assert names == sorted([f"{f}.{ext}" for f in figs for ext in ("pdf", "png")] + ["summary.md"])
+    for f in figs:  # publication resolution, and a vector PDF beside each PNG
+        assert open(os.path.join(out, f + ".pdf"), "rb").read(5) == b"%PDF-"
     for n in names:
         if n.endswith(".png"):
             _png_ok(os.path.join(out, n))
@@ -42,7 +45,7 @@ def test_report_one_run_default_folder(runs, capsys):
     cells = [c.strip() for c in line.strip("|").split("|")]
     # run | steps | last step | final loss | final weighted | max of max_weight | 2/b | max ratio | violations
     assert int(cells[1]) == len(rows) and int(cells[2]) == rows[-1]["step"]
-    assert float(cells[5]) == max(r["max_weight"] for r in rows)  # exact: the summary prints repr
+    assert cells[5] == f"{max(r['max_weight'] for r in rows):.5g}"  # rounded, from metrics.jsonl
     assert float(cells[6]) == pytest.approx(2 / rows[0]["b"])
     assert int(cells[8]) == sum(r["bound_violations"] for r in rows) == 0
     assert float(cells[3]) == pytest.approx(rows[-1]["loss"], rel=1e-3)
@@ -87,3 +90,22 @@ def test_report_clear_errors(tmp_path, capsys):
     assert report_main([str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert re.search(r"empty.metrics\.jsonl: empty metrics file", err), err
+
+
+def test_fig6_leaves_out_the_warmup_steps(tmp_path, monkeypatch):
+    """Figure 6 shows the strategy's steps: the warm-up temperature's steps (run_config.toml) are out."""
+    from titan_rw import report
+
+    run = tmp_path / "exp2"
+    run.mkdir()
+    rows = [{"step": s, "loss": 3.0, "weighted_loss": 3.0, "max_weight": 0.5 if s <= 5 else 0.01 + 0.001 * s,
+             "max_weight_bound": 2 / 128, "b": 128, "bound_ratio": 0.5} for s in range(1, 21)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "run_config.toml").write_text("[reweight]\nwarmup_steps = 5\n")
+    figs = []
+    real_save = report._save
+    monkeypatch.setattr(report, "_save", lambda fig, path: (figs.append(fig), real_save(fig, path))[1])
+    report.fig6([report.Run(str(run))], str(tmp_path / "fig6.png"))
+    (ax,) = figs[0].axes
+    assert "15 steps, warm-up steps 1-5 excluded" in ax.get_title()
+    assert sum(p.get_height() for p in ax.patches) == 15 and ax.get_xlim()[1] < 0.1  # the 0.5 outliers are out

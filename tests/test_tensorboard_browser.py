@@ -88,7 +88,46 @@ def test_histograms_plugin_serves_the_weights(server):
     for _, step, buckets in data:
         counts = [c for _, _, c in buckets]
         assert sum(counts) == pytest.approx(B, abs=1e-6)
-        assert max(right for _, right, c in buckets if c > 0) == pytest.approx(rows[step]["max_weight"], rel=1e-6)
+        # the axis reaches 2/b (or the max weight, where a strategy exceeds the bound)
+        bound, max_w = 2.0 / rows[step]["b"], rows[step]["max_weight"]
+        assert buckets[0][0] == 0.0 and buckets[-1][1] == pytest.approx(max(bound, max_w), rel=1e-6)
+        left, right, _ = [bk for bk in buckets if bk[2] > 0][-1]  # the max weight in the last filled bucket
+        assert left <= max_w * (1 + 1e-6) and right >= max_w * (1 - 1e-6)
+        assert right - left < max(bound, max_w) / 20  # narrow buckets, not one stretched to the axis end
+
+
+def test_custom_scalars_chart_draws_max_weight_and_bound(server, tmp_path):
+    """The Custom Scalars page: losses first, weights/max and bound/two_over_b in one chart."""
+    base, _, runs = server
+    layout = _get(f"{base}/data/plugin/custom_scalars/layout")
+    cats = layout["category"]
+    assert cats[0]["title"] == "losses"
+    charts = {c["title"]: c["multiline"]["tag"] for cat in cats for c in cat["chart"]}
+    both = next(tags for tags in charts.values() if "^weights/max$" in tags)
+    assert "^bound/two_over_b$" in both
+    assert any(tags == ["^data/mean_weight/"] for tags in charts.values())
+    rows = read_metrics(runs["linupper"])
+    run = next(r for r in _get(f"{base}/data/runs") if r.startswith("linupper"))
+    for regex, key in (("^weights/max$", "max_weight"), ("^bound/two_over_b$", "max_weight_bound")):
+        q = urllib.parse.urlencode({"run": run, "tag": regex})
+        got = _get(f"{base}/data/plugin/custom_scalars/scalars?{q}")
+        (series,) = got["tag_to_events"].values()
+        assert [step for _, step, _ in series] == [r["step"] for r in rows]
+        assert [v for _, _, v in series] == pytest.approx([r[key] for r in rows], rel=1e-6)
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium): screenshot skipped, JSON checked")
+    shot = tmp_path / "custom_scalars.png"
+    url = f"{base}/?darkMode=false#custom_scalars"
+    cmd = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and shot.exists(), out.stderr[-3000:]
+    import matplotlib.image as mpimg
+
+    img = (mpimg.imread(str(shot))[..., :3] * 255).astype(np.uint8)
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50, "custom scalars page looks blank"
+    keep = os.environ.get("TITAN_RW_KEEP_SCREENSHOT")
+    if keep:
+        shutil.copy(shot, keep.replace(".png", "") + "_custom_scalars.png")
 
 
 def test_histograms_page_screenshot(server, tmp_path):

@@ -5,6 +5,7 @@
     titan-rw tokenize ...             FineWeb parquet -> datatrove token shards
     titan-rw report RUN_DIR [RUN_DIR ...]   Figure 6 and loss curves as PNG + summary.md
     titan-rw eval RUN_DIR --tasks ...  lm-evaluation-harness on a checkpoint
+    titan-rw export RUN_DIR --hf OUT   a Hugging Face transformers Llama folder from a checkpoint
     titan-rw weights ...              show the paper's weights for a batch of losses
     titan-rw experiment toy-regression|duplicates ...
 
@@ -24,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "tokenize": ("titan_rw.data.cli", "tokenize_main", "tokenize parquet text into datatrove token shards"),
     "report": ("titan_rw.report", "report_main", "Figure 6, max weight vs 2/b, loss curves, summary of runs"),
     "eval": ("titan_rw.eval.cli", "eval_main", "evaluate a run or checkpoint with lm-evaluation-harness"),
+    "export": ("titan_rw.export", "export_main", "write a Hugging Face transformers Llama folder from a checkpoint"),
+    "lm-eval": ("titan_rw.eval.lm_eval_cli", "main", "lm-eval's own CLI with the titan_rw model and local tasks"),
     "weights": ("titan_rw.cli", "weights_main", "print the paper's weights for given losses"),
 }
 SUBGROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
@@ -92,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
+    if argv[0] in ("-V", "--version"):
+        from titan_rw import __version__
+
+        print(f"titan-rw {__version__}")
+        return 0
     cmd, rest = argv[0], argv[1:]
     if cmd in COMMANDS:
         return _run(COMMANDS[cmd], rest)
@@ -99,7 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         subs = SUBGROUPS[cmd]
         if rest and rest[0] in subs:
             return _run(subs[rest[0]], rest[1:])
-        print(f"titan-rw {cmd}: choose one of: {', '.join(subs)}", file=sys.stderr)
+        usage = "\n".join([f"usage: titan-rw {cmd} {{{','.join(subs)}}} [args]  "
+                           f"(titan-rw {cmd} NAME --help for its options)", ""]
+                          + [f"  {name:20s} {doc}" for name, (_, _, doc) in subs.items()])
+        if not rest or rest[0] in ("-h", "--help", "help"):
+            print(usage)
+            return 0
+        print(f"titan-rw {cmd}: unknown {rest[0]!r}\n\n{usage}", file=sys.stderr)
         return 2
     print(f"titan-rw: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
     return 2

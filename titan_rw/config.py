@@ -49,7 +49,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(kw_only=True)
 class JobSection:
-    dump_folder: str = "./outputs"
+    dump_folder: str = "./runs"
     description: str = ""
     seed: int | None = 0
     portable_init: bool = True
@@ -343,7 +343,7 @@ def validate(values: dict, source: str = "config", world_size: int | None = None
     tok_vocab = 2048 if (d.tokenizer is None) else None
     if tok_vocab is not None and d.loader != "synthetic" and data_loader_available() and fl.vocab_size < tok_vocab:
         raise ConfigError(f"{source}: model.flavor {m.flavor!r} has vocab {fl.vocab_size} < the tokenizer's {tok_vocab}")
-    ck = _section(values, "checkpoint")
+    ck = _checkpoint_section(values, source)
     if ck.enable and ck.interval < 1:
         raise ConfigError(f"{source}: checkpoint.interval must be >= 1")
     try:
@@ -353,6 +353,60 @@ def validate(values: dict, source: str = "config", world_size: int | None = None
         _section(values, "periodic_eval").validate()
     except ValueError as e:
         raise ConfigError(f"{source}: [periodic_eval] {e}") from None
+
+
+def _checkpoint_section(values: dict, source: str):
+    """[checkpoint], with TorchTitan's refusals (and the Hugging Face format's needs) as one-line errors."""
+    raw = {**DEFAULTS.get("checkpoint", {}), **values.get("checkpoint", {})}
+    if raw.get("last_save_in_hf") and not raw.get("last_save_model_only"):
+        raise ConfigError(
+            f"{source}: checkpoint.last_save_in_hf = true needs checkpoint.last_save_model_only = true (the last "
+            f"checkpoint is then the model's weights in Hugging Face safetensors, not resumable); or keep both "
+            f"false and run `titan-rw export RUN --hf OUT` after training"
+        )
+    if raw.get("initial_load_in_hf"):
+        if not raw.get("initial_load_model_only", True):
+            raise ConfigError(f"{source}: checkpoint.initial_load_in_hf = true needs checkpoint.initial_load_model_only "
+                              f"= true (a Hugging Face folder holds only the model)")
+        path = raw.get("initial_load_path")
+        if not path:
+            tok = values.get("data", {}).get("tokenizer")
+            if not (tok and os.path.isdir(tok) and any(n.endswith(".safetensors") for n in os.listdir(tok))):
+                raise ConfigError(
+                    f"{source}: checkpoint.initial_load_in_hf = true needs checkpoint.initial_load_path = "
+                    f"/absolute/path/to/the/hf_folder (or data.tokenizer set to that folder)"
+                )
+            path = tok
+        elif not os.path.isabs(path):
+            raise ConfigError(f"{source}: checkpoint.initial_load_path {path!r} must be an absolute path "
+                              f"(e.g. {os.path.abspath(path)})")
+        if not os.path.isdir(path) or not any(n.endswith(".safetensors") for n in os.listdir(path)):
+            raise ConfigError(f"{source}: checkpoint.initial_load_path {path!r} is not a folder with *.safetensors "
+                              f"(a Hugging Face model folder, e.g. from `titan-rw export RUN --hf OUT`)")
+        _check_hf_shapes(path, _section(values, "model").flavor, source)
+    try:
+        return _section(values, "checkpoint")
+    except ValueError as e:
+        raise ConfigError(f"{source}: [checkpoint] {e}") from None
+
+
+def _check_hf_shapes(folder: str, flavor: str, source: str) -> None:
+    """The HF folder's config.json (when there is one) must describe model.flavor's shapes."""
+    import json
+
+    cfg_file = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_file):
+        return
+    with open(cfg_file) as f:
+        hf = json.load(f)
+    fl = models.flavor(flavor)
+    want = {"hidden_size": fl.dim, "num_hidden_layers": fl.n_layers, "num_attention_heads": fl.n_heads,
+            "intermediate_size": fl.ffn_hidden, "vocab_size": fl.vocab_size}
+    wrong = {k: (hf.get(k), v) for k, v in want.items() if k in hf and hf[k] != v}
+    if wrong:
+        what = ", ".join(f"{k} {a} (flavor: {b})" for k, (a, b) in wrong.items())
+        raise ConfigError(f"{source}: the Hugging Face model in {folder} is not a {flavor!r} Llama: {what}; "
+                          f"set model.flavor to its shape")
 
 
 def data_loader_available() -> bool:

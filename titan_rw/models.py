@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import titan_rw  # noqa: F401  (compat patches before torchtitan)
 
+import os
 from dataclasses import dataclass
 
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
@@ -22,6 +23,7 @@ from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm, co
 from torchtitan.models.common.attention import ScaledDotProductAttention
 from torchtitan.models.llama3 import Llama3Model, _build_llama3_layers, parallelize_llama
 from torchtitan.models.llama3 import _EMBEDDING_INIT, _NORM_INIT, _output_linear_init
+from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
 from torchtitan.protocols.model_spec import ModelSpec
 
 from titan_rw import compat
@@ -99,8 +101,26 @@ def model_spec(name: str, attn_backend: str | None = None) -> ModelSpec:
         parallelize_fn=parallelize_llama,
         pipelining_fn=pipeline_llm,
         post_optimizer_build_fn=None,
-        state_dict_adapter=None,
+        state_dict_adapter=LlamaStateDictAdapter,
     )
+
+
+class LlamaStateDictAdapter(Llama3StateDictAdapter):
+    """TorchTitan's Llama 3 adapter (our parameter names are its own) ⇄ Hugging Face `LlamaForCausalLM`,
+    used by `checkpoint.last_save_in_hf`, `checkpoint.initial_load_in_hf` and `titan-rw export`.
+
+    TorchTitan passes `hf_assets_path`, which here is `[data] tokenizer`: only a folder is an HF
+    assets folder (its `model.safetensors.index.json` decides the output sharding, and
+    `initial_load_in_hf` without `initial_load_path` loads its weights); a sentencepiece file is not.
+    """
+
+    def __init__(self, model_config, hf_assets_path: str | None):
+        folder = hf_assets_path if hf_assets_path and os.path.isdir(hf_assets_path) else None
+        if folder and not os.path.isfile(os.path.join(folder, "model.safetensors.index.json")):
+            folder_has_weights = any(n.endswith(".safetensors") for n in os.listdir(folder))
+            if not folder_has_weights:
+                folder = None  # a tokenizer folder: nothing to read, one output file
+        super().__init__(model_config, folder)
 
 
 def describe(name: str) -> str:

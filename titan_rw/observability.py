@@ -18,7 +18,8 @@ writes, per recorded step:
 
   loss/unweighted, loss/weighted                         mean f_i, Σ w_i f_i
   weights/max, weights/ess (1/Σw²), weights/entropy (nats), weights/temperature
-  weights/weight_hist, weights/loss_hist                 histograms over the b valid samples
+  weights/weight_hist, weights/loss_hist                 histograms over the b valid samples (the
+                                                         weights' axis runs from 0 to at least 2/b)
   weights/max_window                                     max weight of each of the last N steps
   bound/two_over_b, bound/ratio (max·b/2, ≤ 1 holds), bound/violations, bound/violations_total
   bound/ratio_window                                     max·b/2 of each of the last N steps
@@ -32,7 +33,11 @@ group's b, the bound is checked per group against that group's c/b (bound/ratio 
 max_g·b_g/c, bound/violations counts the groups above 1), and weights/max with bound/two_over_b
 (row keys max_weight, max_weight_bound, b) are the step's largest weight and its group's bound.
   data/top_weighted, data/bottom_weighted   text plugin: k most / least weighted samples
-  perf/tokens_per_sec (per device), perf/mfu (%), perf/<extra key> (lr, grad_norm, ...)
+  perf/tokens_per_sec (per device), perf/mfu (%, GPU only), perf/<extra key> (lr, grad_norm, ...)
+  health/skipped, health/skipped_steps, health/consecutive_skips, health/nonfinite_samples
+
+and a Custom Scalars layout (`tensorboard_layout`): the losses, weights/max with bound/two_over_b
+in one chart, the domains' weights overlaid, health, performance.
 
 The k most / least weighted samples also go to `<dump_folder>/samples.jsonl`.
 
@@ -79,8 +84,66 @@ WINDOW_TAGS = {"max_weight": "weights/max_window", "bound_ratio": "bound/ratio_w
 TEXT_TAGS = {"top": "data/top_weighted", "bottom": "data/bottom_weighted"}
 
 
+# the trainer's fault counters (docs/resuming.md): TensorBoard group health/
+HEALTH_KEYS = ("skipped", "skipped_steps", "consecutive_skips", "nonfinite_samples")
+
+
 def _extra_tag(key: str) -> str:
+    if key in HEALTH_KEYS:
+        return f"health/{key}"
     return key if "/" in key else f"perf/{key}"
+
+
+def tensorboard_layout() -> dict:
+    """TensorBoard's Custom Scalars page of a run (written once with the run's first events):
+    the losses first, then the max weight and the 2/b bound in ONE chart (Theorem 1: the line of
+    weights/max stays under bound/two_over_b), then every domain's mean b·w overlaid in one chart
+    (1 = uniform), the health counters and the speed. Tags are regular expressions."""
+    return {
+        "losses": {
+            "loss: unweighted mean and weighted sum": ["Multiline", ["^loss/unweighted$", "^loss/weighted$"]],
+        },
+        "weights vs the 2/b bound": {
+            "max weight and 2/b (Theorem 1)": ["Multiline", ["^weights/max$", "^bound/two_over_b$"]],
+            "max·b/2 (≤ 1: the bound holds)": ["Multiline", ["^bound/ratio$"]],
+            "effective sample size": ["Multiline", ["^weights/ess$"]],
+            "temperature r": ["Multiline", ["^weights/temperature$"]],
+        },
+        "data domains": {
+            "mean b·w per domain (1 = uniform)": ["Multiline", ["^data/mean_weight/"]],
+            "share of the rows per domain": ["Multiline", ["^data/share/"]],
+            "share of the weight per domain": ["Multiline", ["^data/weight_mass/"]],
+        },
+        "health": {
+            "skipped steps and non-finite samples": ["Multiline", ["^health/", "^bound/violations_total$"]],
+        },
+        "performance": {
+            "tokens/s per device": ["Multiline", ["^perf/tokens_per_sec$"]],
+            "learning rate": ["Multiline", ["^perf/lr$"]],
+            "gradient norm": ["Multiline", ["^perf/grad_norm$"]],
+        },
+    }
+
+
+def _weight_histogram(writer, tag: str, weights: np.ndarray, bound: float, step: int, bins: int = 40) -> None:
+    """The weights' histogram over [0, max(2/b, max w)] in equal buckets, empty ones included, so the
+    Histograms tab's axis always reaches the bound. Written in TensorBoard's histogram format of
+    explicit (left, right, count) buckets: the older format (`add_histogram`) loses the empty
+    buckets and would stretch the last filled one to the axis end."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.histogram import metadata as hist_metadata
+    from tensorboard.util import tensor_util
+
+    w = weights.astype(np.float64)
+    top = max(float(w.max()), bound if math.isfinite(bound) else 0.0)
+    lo = min(0.0, float(w.min()))
+    if not top > lo:
+        top = lo + 1.0
+    counts, edges = np.histogram(w, bins=np.linspace(lo, top, bins + 1))
+    buckets = np.stack([edges[:-1], edges[1:], counts.astype(np.float64)], axis=1)
+    value = Summary.Value(tag=tag, metadata=hist_metadata.create_summary_metadata(display_name=tag, description=""),
+                          tensor=tensor_util.make_tensor_proto(buckets))
+    writer._get_file_writer().add_summary(Summary(value=[value]), step)
 
 
 def tb_writer_of(metrics_processor) -> Any | None:
@@ -196,6 +259,7 @@ class RunLogger:
                 )
                 self.writer = SummaryWriter(self.tb_dir, max_queue=1000)
                 self._own_writer = True
+            self.writer.add_custom_scalars(tensorboard_layout())
 
     # ------------------------------------------------------------------ per step (device only)
     def _put(self, t: torch.Tensor) -> tuple[int, tuple[int, ...]]:
@@ -382,7 +446,7 @@ class RunLogger:
             wr.add_scalar(f"data/share/{dom}", d["share"], step)
             wr.add_scalar(f"data/weight_mass/{dom}", d["weight_mass"], step)
         if e["hist"] and weights is not None and valid.any():
-            wr.add_histogram(HIST_TAGS["weights"], weights[valid].astype(np.float64), step)
+            _weight_histogram(wr, HIST_TAGS["weights"], weights[valid], row["max_weight_bound"], step)
             wr.add_histogram(HIST_TAGS["losses"], losses[valid].astype(np.float64), step)
 
     def _write_window(self, step: int) -> None:

@@ -12,7 +12,11 @@ device tensor, so pass host floats (e.g. the rows `RunLogger.flush` returns).
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import re
+import sys
 import time
 
 
@@ -67,6 +71,7 @@ class Progress:
         done: int,
         *,
         tokens: int | None = None,
+        tokens_per_sec: float | None = None,
         loss: float | None = None,
         max_weight: float | None = None,
         bound: float | None = None,
@@ -84,7 +89,9 @@ class Progress:
         else:
             parts.append(f"{self.unit} {done}")
         parts.append(f"eta {fmt_duration(self.eta(done))}" if self.total else f"elapsed {fmt_duration(now - self.t0)}")
-        if tokens is not None and tok_prev is not None:
+        if tokens_per_sec is not None and math.isfinite(tokens_per_sec):
+            parts.append(f"{fmt_count(tokens_per_sec)} tok/s")
+        elif tokens is not None and tok_prev is not None:
             parts.append(f"{fmt_count((tokens - tok_prev) / dt)} tok/s")
         elif tokens is not None and done > self.start:
             parts.append(f"{fmt_count(tokens / max(now - self.t0, 1e-9))} tok/s")
@@ -111,8 +118,87 @@ class Progress:
         return self.line(
             row["step"],
             tokens=tokens,
+            tokens_per_sec=row.get("tokens_per_sec") if tokens is None else None,
             loss=row.get("loss"),
             max_weight=row.get("max_weight"),
             bound=row.get("max_weight_bound"),
             extra=extra,
         )
+
+
+# ---------------------------------------------------------------------- a quiet console
+# TorchTitan messages that are about GPUs and say nothing true on a CPU run.
+CPU_NOISE = (
+    "Error running lspci",
+    "Peak flops undefined",
+    "Peak FLOPS used for computing MFU",
+    "memory usage for model: -",
+    "CUDA graph capture is only supported",
+)
+# TorchTitan messages about its own defaults that say nothing about the user's run.
+ALWAYS_NOISE = ("initial_load_model_only=True has no effect without an initial_load_path",)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class ConsoleFilter(logging.Filter):
+    """Drops `CPU_NOISE` on a CPU run; strips ANSI colour codes when the console is not a terminal."""
+
+    def __init__(self, *, cpu: bool, strip_ansi: bool):
+        super().__init__()
+        self.cpu = cpu
+        self.strip_ansi = strip_ansi
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if any(p in msg for p in ALWAYS_NOISE) or (self.cpu and any(p in msg for p in CPU_NOISE)):
+            return False
+        if self.strip_ansi and "\x1b[" in msg:
+            record.msg, record.args = _ANSI.sub("", msg), None
+        return True
+
+
+def quiet_console(log: logging.Logger, *, cpu: bool, stream=None) -> None:
+    """Put a `ConsoleFilter` on the logger (TorchTitan logs through the root logger, also before
+    `init_logger`) and its handlers; on a CPU, also silence torch's "DTensor random operators ...
+    cpu device mesh" warning. Calling it again adds nothing twice."""
+    stream = stream or sys.stdout
+    f = ConsoleFilter(cpu=cpu, strip_ansi=not (hasattr(stream, "isatty") and stream.isatty()))
+    if not any(isinstance(x, ConsoleFilter) for x in log.filters):
+        log.addFilter(f)
+    for h in log.handlers:
+        if not any(isinstance(x, ConsoleFilter) for x in h.filters):
+            h.addFilter(f)
+    if cpu:
+        import warnings
+
+        warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support on cpu")
+
+
+def run_summary(dump_folder: str, *, steps: int, final: dict | None, checkpoint_folder: str | None,
+                tb_dir: str | None, metrics_path: str | None) -> str:
+    """What a finished run prints last: final loss, where the outputs are, the next commands."""
+    d = dump_folder
+    head = f"titan_rw: finished {steps} steps"
+    final = final or {}
+    if isinstance(final.get("loss"), (int, float)):
+        head += f"; final loss {final['loss']:.4f}"
+        if isinstance(final.get("weighted_loss"), (int, float)):
+            head += f" (weighted {final['weighted_loss']:.4f})"
+    if isinstance(final.get("max_weight"), (int, float)) and isinstance(final.get("max_weight_bound"), (int, float)):
+        head += f", max weight {final['max_weight']:.4g} vs 2/b {final['max_weight_bound']:.4g}"
+    lines = [head]
+    lines.append(f"  run folder    {d}")
+    if checkpoint_folder and os.path.isdir(checkpoint_folder):
+        lines.append(f"  checkpoints   {checkpoint_folder}")
+    if metrics_path:
+        lines.append(f"  metrics       {metrics_path}")
+    if tb_dir:
+        lines.append(f"  tensorboard   {tb_dir}")
+    lines.append("next:")
+    if tb_dir:
+        lines.append(f"  tensorboard --logdir {os.path.dirname(tb_dir.rstrip('/'))}")
+    lines.append(f"  titan-rw report {d}")
+    if checkpoint_folder and os.path.isdir(checkpoint_folder):
+        lines.append(f"  titan-rw eval {d} --tasks local")
+        lines.append(f"  titan-rw export {d} --hf {os.path.join(d, 'hf')}")
+    return "\n".join(lines)

@@ -8,6 +8,10 @@ backend, into `--out` (default: `<first RUN_DIR>/report/`):
   loss.png                 unweighted (solid) and weighted (dashed) loss of every run, overlaid
   domain_weight.png        mean b·w per domain over the steps (when the run logged provenance)
   summary.md               steps, final loss, max of max_weight, the bound, violations, per run
+                           (numbers rounded to 4-5 significant digits)
+
+Each PNG is written at 300 dpi, with a vector PDF of the same figure beside it. Figure 6 leaves out
+the temperature warm-up steps (`[reweight] warmup_steps` of the run's run_config.toml) and says so.
 
 With several runs the per-run figures get one panel per run (Figure 6, max weight) or one line per
 run (loss); the label of a run is its `strategy` field when present, else its folder name.
@@ -82,11 +86,29 @@ def _plt():
     return plt
 
 
+DPI = 300  # publication resolution for the PNGs; each figure is also written as a vector PDF
+
+
 def _save(fig, path: str) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=DPI)
+    fig.savefig(os.path.splitext(path)[0] + ".pdf")
     _plt().close(fig)
     return path
+
+
+def warmup_steps(run_path: str) -> int:
+    """`[reweight] warmup_steps` of the run's saved config (0 when none was saved)."""
+    import tomllib
+
+    f = os.path.join(run_path, "run_config.toml")
+    if not os.path.isfile(f):
+        return 0
+    try:
+        with open(f, "rb") as fh:
+            return int(tomllib.load(fh).get("reweight", {}).get("warmup_steps", 0) or 0)
+    except (tomllib.TOMLDecodeError, ValueError, TypeError):
+        return 0
 
 
 def fig6(runs: list[Run], path: str) -> str:
@@ -94,7 +116,12 @@ def fig6(runs: list[Run], path: str) -> str:
     plt = _plt()
     fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False)
     for ax, run in zip(axes[0], runs):
-        _, mw = run.col("max_weight")
+        steps, mw = run.col("max_weight")
+        warm = warmup_steps(run.path)  # the warm-up temperature's steps are not the strategy's
+        if warm and any(s > warm for s in steps):
+            mw = [w for s, w in zip(steps, mw) if s > warm]
+        else:
+            warm = 0
         bound = run.bound()
         _, bs = run.col("b")
         lo = min(mw + ([1.0 / max(bs)] if bs else []))  # 1/b: no max weight can be below it
@@ -107,7 +134,8 @@ def fig6(runs: list[Run], path: str) -> str:
             ax.axvline(bound, color="#C44E52", linestyle="--", linewidth=2, label=f"2/b = {bound:.4g}")
         ax.set_xlabel("maximum weight in the step")
         ax.set_ylabel("steps")
-        ax.set_title(f"{run.label}: max weight per step ({len(mw)} steps)", fontsize=10)
+        ax.set_title(f"{run.label}: max weight per step ({len(mw)} steps"
+                     + (f", warm-up steps 1-{warm} excluded)" if warm else ")"), fontsize=10)
         ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -206,7 +234,7 @@ def summary_markdown(runs: list[Run], figures: list[str], out: str) -> str:
         s = run.summary()
         lines.append(
             f"| {s['run']} | {s['steps']} | {s['last_step']} | {_fmt(s['final_loss'])} | "
-            f"{_fmt(s['final_weighted_loss'])} | {_fmt(s['max_max_weight'], 'r')} | {_fmt(s['bound'], '.6g')} | "
+            f"{_fmt(s['final_weighted_loss'])} | {_fmt(s['max_max_weight'], '.5g')} | {_fmt(s['bound'], '.5g')} | "
             f"{_fmt(s['max_bound_ratio'], '.4f')} | {s['violations']} |"
         )
     lines += ["", "max·b/2 ≤ 1 means Theorem 1's precondition max w ≤ 2/b holds at that step.", ""]

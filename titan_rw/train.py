@@ -23,7 +23,36 @@ def _split(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--config", required=True, help="TOML run config (train_configs/*.toml)")
     p.add_argument("--nproc", type=int, default=None, help="processes on this machine (starts torchrun)")
     p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument("--keys", nargs="?", const="", metavar="SECTION",
+                   help="list every config key (of one SECTION) with its type and default, then exit")
+    if any(a in ("-h", "--help") for a in argv):
+        p.epilog = _sections_help()
     return p.parse_known_args(argv)
+
+
+def _sections_help() -> str:
+    from titan_rw import config as cfgmod
+
+    lines = ["config sections (TOML [section] or --section.key value on the command line):"]
+    for name in cfgmod.SECTIONS:
+        lines.append(f"  [{name}]  {len(cfgmod.section_fields(name))} keys")
+    lines.append("every key, its type and default: titan-rw train --keys [SECTION]")
+    return "\n".join(lines)
+
+
+def keys_text(section: str = "") -> str:
+    """Each settable key of the sections (or one), with its type and default."""
+    from titan_rw import config as cfgmod
+
+    if section and section not in cfgmod.SECTIONS:
+        raise cfgmod.ConfigError(f"--keys: unknown section [{section}]; valid sections: {', '.join(cfgmod.SECTIONS)}")
+    lines = []
+    for name in [section] if section else list(cfgmod.SECTIONS):
+        sec = cfgmod._section({}, name)
+        lines.append(f"[{name}]")
+        for key, tp in cfgmod.section_fields(name).items():
+            lines.append(f"  {key} = {getattr(sec, key)!r}    ({cfgmod._type_name(tp)})")
+    return "\n".join(lines)
 
 
 def _under_torchrun() -> bool:
@@ -49,6 +78,25 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
 
 def train_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    import logging
+
+    import torch
+
+    from titan_rw.progress import quiet_console
+
+    quiet_console(logging.getLogger(), cpu=not torch.cuda.is_available())  # building configs logs too
+    if "--keys" in argv or any(a.startswith("--keys=") for a in argv):  # no --config needed
+        i = next(i for i, a in enumerate(argv) if a == "--keys" or a.startswith("--keys="))
+        sec = argv[i].split("=", 1)[1] if "=" in argv[i] else (argv[i + 1] if i + 1 < len(argv)
+                                                              and not argv[i + 1].startswith("-") else "")
+        from titan_rw.config import ConfigError
+
+        try:
+            print(keys_text(sec))
+        except ConfigError as e:
+            print(f"titan_rw: {e}", file=sys.stderr)
+            return 2
+        return 0
     args, overrides = _split(argv)
     if args.nproc is not None and args.nproc > 1 and not args.check and not _under_torchrun():
         return _relaunch(args.nproc, argv)
@@ -92,6 +140,9 @@ def run(config) -> int:
     from titan_rw.trainer import TrainingStopped
 
     init_logger()
+    from titan_rw.progress import quiet_console
+
+    quiet_console(logger, cpu=not torch.cuda.is_available())
     compat.log_applied(logger)
     sl.init_structured_logger(source="training", output_dir=config.dump_folder,
                               enable=config.debug.enable_structured_logging)
@@ -108,6 +159,10 @@ def run(config) -> int:
             logger.info("Created seed checkpoint (step-0): runs in this folder start from it")
         else:
             trainer.train()
+            try:
+                _print_summary(trainer, config)
+            except Exception as e:  # noqa: BLE001 - the run is done; a summary must not fail it
+                logger.warning(f"titan_rw: no run summary ({type(e).__name__}: {e})")
     except TrainingStopped as e:
         code = e.exit_code
         print(str(e), file=sys.stderr)
@@ -119,6 +174,30 @@ def run(config) -> int:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return code
+
+
+def _print_summary(trainer, config) -> None:
+    """Rank 0: final loss, where the outputs are, and the next commands (titan_rw.progress.run_summary)."""
+    import torch
+
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    from titan_rw.progress import run_summary
+
+    rl = getattr(trainer, "run_logger", None)
+    path = getattr(rl, "metrics_path", None)
+    final = None
+    if path and os.path.isfile(path):
+        import json
+
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    final = json.loads(line)
+    ck = getattr(trainer, "checkpointer", None)
+    folder = getattr(ck, "folder", None) if getattr(ck, "enable", False) else None
+    print(run_summary(config.dump_folder, steps=trainer.step, final=final, checkpoint_folder=folder,
+                      tb_dir=getattr(rl, "tb_dir", None), metrics_path=path), flush=True)
 
 
 def main() -> None:

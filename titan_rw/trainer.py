@@ -276,7 +276,7 @@ class ReweightTrainer(Trainer):
             static={"strategy": rw.strategy},
             total_steps=config.training.steps,
             num_flops_per_token=mp.num_flops_per_token,
-            peak_flops=getattr(mp, "gpu_peak_flops", None),
+            peak_flops=getattr(mp, "gpu_peak_flops", None) if self.device.type == "cuda" else None,  # no MFU on CPU
             decode=getattr(self.tokenizer, "decode", None),
         )
         self.metrics_path = self.run_logger.metrics_path

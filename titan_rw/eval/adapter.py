@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 from lm_eval.api.model import TemplateLM
+import lm_eval.models  # noqa: F401  (lm-eval lists its own models only while its registry is empty: first)
 from lm_eval.api.registry import register_model
 
 logger = logging.getLogger("titan_rw.eval")

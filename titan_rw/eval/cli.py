@@ -4,8 +4,10 @@
                   [--output DIR] [--device cuda] [--flavor F] [--tokenizer M] [--step N] [--online]
     titan-rw eval --compare A.json B.json [--names uniform linupper] [--tasks paper]
 
-Writes `<output>/results.json` (lm-eval's results JSON) and `<output>/results.md` (a markdown
-table); default output `<run>/eval/step-N`. Offline by default (HF_HUB_OFFLINE=1,
+Prints lm-eval's standard results table (values ± stderr) and the paper-style table; writes
+`<output>/results.json` (lm-eval's results JSON; `config.model_args` replays the run with
+`titan-rw-lm-eval --model titan_rw --model_args ...`) and `<output>/results.md` (both tables);
+default output `<run>/eval/step-N`. Offline by default (HF_HUB_OFFLINE=1,
 HF_DATASETS_OFFLINE=1): datasets must already be in HF_HOME, and a missing one is named with the
 command that pre-downloads it (exit code 3). `--online` lets lm-eval download.
 """
@@ -25,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None, help="paper | paper_lur | paper_qa | local | comma-separated lm-eval tasks (default: local)")
     p.add_argument("--limit", type=float, default=None, help="examples per task (testing only; <1 = fraction)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--output", default=None, help="folder for results.json and results.md")
+    p.add_argument("--out", "--output", dest="output", default=None, help="folder for results.json and results.md")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto (bf16 on cuda, fp32 on cpu)")
     p.add_argument("--flavor", default=None, help="model flavor, if the run folder has no run_config.toml")
@@ -137,13 +139,15 @@ def eval_main(argv: list[str] | None = None) -> int:
         return 2
 
     ck = lm.checkpoint
+    model_args = model_args_string(lm, args)
     out = Path(args.output) if args.output else (
         (ck.run_dir or ck.path.parent) / "eval" / (f"step-{ck.step}" if ck.step is not None else ck.path.stem)
     )
     out.mkdir(parents=True, exist_ok=True)
     data = jsonable(results)
+    data.setdefault("config", {}).update(model="titan_rw", model_args=model_args)
     data["titan_rw"] = {"checkpoint": str(ck.path), "step": ck.step, "flavor": lm.flavor, "max_length": lm.max_length,
-                        "tasks": [s.task for s in specs], "limit": args.limit}
+                        "tasks": [s.task for s in specs], "limit": args.limit, "model_args": model_args}
     with open(out / "results.json", "w") as f:
         json.dump(data, f, indent=2)
     if args.log_samples and results.get("samples"):
@@ -154,12 +158,37 @@ def eval_main(argv: list[str] | None = None) -> int:
                 for s in samples:
                     f.write(json.dumps(s, default=handle_non_serializable) + "\n")
     table = results_table(data, specs)
+    standard = lm_eval_table(data, args)
     header = f"# Evaluation of {ck.path} ({lm.flavor}, step {ck.step})\n\n"
     with open(out / "results.md", "w") as f:
-        f.write(header + table + "\n")
+        f.write(header + table + "\n\n## lm-eval\n\n" + standard + "\n")
+    print(standard)
     print(table)
     print(f"\nwrote {out / 'results.json'} and {out / 'results.md'}", file=sys.stderr)
     return 0
+
+
+def model_args_string(lm, args) -> str:
+    """The run as lm-eval's `--model_args` of `titan-rw-lm-eval --model titan_rw` (what reproduces it)."""
+    ck = lm.checkpoint
+    parts = {"pretrained": str(ck.path), "flavor": lm.flavor, "max_length": lm.max_length,
+             "batch_size": args.batch_size, "device": str(lm.device), "dtype": args.dtype}
+    if args.tokenizer:
+        parts["tokenizer"] = args.tokenizer
+    return ",".join(f"{k}={v}" for k, v in parts.items())
+
+
+def lm_eval_table(data: dict, args) -> str:
+    """lm-eval's own results table (values with stderr), under the line lm-eval's CLI prints above it."""
+    from lm_eval.utils import make_table
+
+    cfg = data.get("config", {})
+    head = (f"{cfg.get('model')} ({cfg.get('model_args')}), limit: {args.limit}, num_fewshot: {args.num_fewshot}, "
+            f"batch_size: {args.batch_size}, bootstrap_iters: {args.bootstrap_iters}")
+    parts = [head, make_table(data)]
+    if data.get("groups"):
+        parts.append(make_table(data, "groups"))
+    return "\n".join(parts)
 
 
 def main() -> None:
