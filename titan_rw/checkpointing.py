@@ -86,9 +86,9 @@ def config_changes(saved: dict, current: dict, keys) -> list[tuple[str, Any, Any
     out = []
     for name in keys:
         section, key = name.split(".", 1)
-        old, new = (saved or {}).get(section, {}).get(key, None), (current or {}).get(section, {}).get(key, None)
-        if section not in (saved or {}) or key not in saved[section]:
+        if key not in (saved or {}).get(section, {}):
             continue  # not recorded by the run that saved it
+        old, new = saved[section][key], (current or {}).get(section, {}).get(key)
         if old != new:
             out.append((name, old, new))
     return out

@@ -189,16 +189,16 @@ class TokenStream:
         if st.get("version") != STATE_VERSION:
             raise ValueError(f"token stream state version {st.get('version')} != {STATE_VERSION}")
         mine = self.state()
-        names = {"seq_len": "training.seq_len", "n_tokens": "data (tokens per dataset)", "seed": "data.seed"}
-        changes = [(names[k], st.get(k), mine[k]) for k in ("seq_len", "n_tokens", "seed") if st.get(k) != mine[k]]
-        if changes:
+        names = {"seq_len": "training.seq_len", "n_tokens": "data (tokens per dataset: n_tokens)", "seed": "data.seed"}
+        differ = [k for k in ("seq_len", "n_tokens", "seed") if st.get(k) != mine[k]]
+        if differ:
             from titan_rw.checkpointing import ResumeMismatch
 
             raise ResumeMismatch(
                 "dataloader checkpoint was made with "
-                + ", ".join(f"{k}={old}, this run has {new}" for k, old, new in changes)
+                + ", ".join(f"{k}={st.get(k)}, this run has {mine[k]}" for k in differ)
                 + ": resuming would repeat or skip data (same data, seed and seq_len are required)",
-                changes=changes,
+                changes=[(names[k], st.get(k), mine[k]) for k in differ],
             )
         if not np.allclose(st.get("weights", []), mine["weights"]):
             logger.warning("mixture weights changed since the checkpoint: %s -> %s", st.get("weights"), mine["weights"])
