@@ -253,15 +253,15 @@ def test_bad_values_are_one_clear_line_before_anything(tmp_path, capfd):
 
 # ---------------------------------------------------------------------- signals through torchrun
 def test_sigterm_to_the_launcher_exits_143_after_a_checkpoint(tmp_path):
-    """SIGTERM to the launcher (as Slurm and users send it): the ranks save a checkpoint of the step
-    they stopped at, every metrics row up to it is on disk, and the launcher exits 143."""
+    """SIGTERM to the launcher (as Slurm and users send it), here `titan-rw train --nproc 2`, which
+    forwards it to its `titan_rw.torchrun`, which forwards it to the ranks: they save a checkpoint
+    of the step they stopped at, every metrics row up to it is on disk, and the launcher exits 143."""
     import signal
     import time
 
     folder = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "titan_rw.torchrun", "--standalone", "--nproc_per_node=2", "--shutdown-timeout=120",
-           "-m", "titan_rw.train", *COMMON, "--training.steps", "500", "--checkpoint.interval", "1000",
-           "--reweight.log_interval", "50", "--job.dump_folder", folder]
+    cmd = [sys.executable, "-m", "titan_rw.train", "--nproc", "2", *COMMON, "--training.steps", "500",
+           "--checkpoint.interval", "1000", "--reweight.log_interval", "50", "--job.dump_folder", folder]
     p = subprocess.Popen(cmd, cwd=ROOT, env=_env(str(tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 240
