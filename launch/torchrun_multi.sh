@@ -25,7 +25,7 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 # Static rendezvous (torchrun's default when no --rdzv-backend is given): node NODE_RANK's ranks
 # are NODE_RANK*NPROC_PER_NODE ... (c10d, which slurm/common.sh uses, would ignore NODE_RANK);
 # node 0 hosts the store at MASTER_ADDR:MASTER_PORT and every node must start.
-exec python -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
+exec python -m titan_rw.torchrun --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
   --node-rank="$NODE_RANK" --master-addr="$MASTER_ADDR" --master-port="${MASTER_PORT:-29500}" \
   --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="${SHUTDOWN_TIMEOUT:-120}" \
   "${entry[@]}" --config "$config" "$@"

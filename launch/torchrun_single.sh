@@ -11,6 +11,6 @@ cd "$(dirname "$0")/.."
 default_nproc=2
 # shellcheck source=launch/_torchrun_common.sh
 source launch/_torchrun_common.sh  # VENV, $config (optional first argument), NPROC_PER_NODE, entry
-exec python -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NPROC_PER_NODE" \
+exec python -m titan_rw.torchrun --standalone --nnodes=1 --nproc-per-node="$NPROC_PER_NODE" \
   --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="${SHUTDOWN_TIMEOUT:-120}" \
   "${entry[@]}" --config "$config" "$@"

@@ -84,7 +84,7 @@ titan_rw_launch() {
   # --cpus-per-task to srun: without it torchrun and every rank would share one core).
   srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 \
     --cpus-per-task="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}" --kill-on-bad-exit=1 \
-    bash -c 'exec python -m torch.distributed.run --log-dir="$0/$SLURMD_NODENAME" "$@"' "$logdir" \
+    bash -c 'exec python -m titan_rw.torchrun --log-dir="$0/$SLURMD_NODENAME" "$@"' "$logdir" \
     --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
     --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
     --max-restarts="${MAX_RESTARTS:-0}" \

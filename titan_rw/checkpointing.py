@@ -19,7 +19,20 @@ This manager adds, on automatic resume (`load_step = -1`):
    checkpoint redoes steps), rank 0 removes it, so a crash mid-save can never leave the old
    `.metadata` next to new data files;
 5. `save_now(step)`: a full checkpoint outside the interval (pre-emption signal, too many
-   skipped steps), waited for (async modes included) before returning.
+   skipped steps), waited for (async modes included) before returning;
+6. the resume check (docs/resuming.md, "What is checked on resume"): before loading a checkpoint
+   of this folder, rank 0 reads the run config saved in it (`run_values`, part of the trainer's
+   state) and compares it with this run's. A key of `MUST_MATCH` that differs stops the run
+   (`ResumeMismatch`: keys, old and new values, the ways out) before anything is loaded; a key of
+   `LOGGED` that differs is logged in one line and the run continues with the new value. A
+   mismatch raised while loading (the data loader's own check) stops the run too: fallback to an
+   older checkpoint is only for one that is incomplete or unreadable;
+7. when checkpoints exist (a step folder with its `.metadata`) and none of them loads, the run
+   stops with `ResumeError`: it never starts fresh over them;
+8. `before_save(step)` (set by the trainer) runs before a checkpoint is written: the metrics rows
+   of every step the checkpoint covers are on disk before the checkpoint is complete;
+9. `keep_latest_k` holds after the last step's save too (TorchTitan purges only after interval
+   saves, so a run ended with k + 1 checkpoints).
 
 Bit rot inside a data file of the right length is not detected (DCP stores no checksums).
 Rank 0 decides which checkpoint to load and broadcasts it, so all ranks agree.
@@ -27,9 +40,12 @@ Rank 0 decides which checkpoint to load and broadcasts it, so all ranks agree.
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import re
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
@@ -38,6 +54,78 @@ from torchtitan.tools import filesystem
 from torchtitan.tools.logging import logger
 
 _STEP = re.compile(r"^step-(\d+)$")
+
+# Keys whose change makes a resume wrong: data repeated or skipped, weights of another shape. The
+# run stops before any step (the data loader also checks seq_len, seed and the data's token count).
+MUST_MATCH = ("model.flavor", "training.seq_len", "data.seed", "data.shuffle", "data.loader")
+# Keys whose change is accepted on resume with one log line (the experiment is not the same).
+LOGGED = ("reweight.strategy", "reweight.temperature", "reweight.warmup_temperature", "reweight.warmup_steps",
+          "reweight.anneal", "reweight.anneal_steps", "reweight.cap", "reweight.scope",
+          "training.global_batch_size", "training.local_batch_size")
+
+
+class ResumeError(RuntimeError):
+    """The run folder holds checkpoints this run must not start over (nothing was run)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (no space left, read-only): one line with the path."""
+
+
+class ResumeMismatch(ResumeError, ValueError):
+    """This run's config does not match the checkpoint it would resume from. `changes`:
+    [(section.key, checkpoint's value, this run's value)] when known."""
+
+    def __init__(self, message: str, changes: list | None = None):
+        super().__init__(message)
+        self.changes = changes or []
+
+
+def config_changes(saved: dict, current: dict, keys) -> list[tuple[str, Any, Any]]:
+    """[(section.key, checkpoint's value, this run's value)] for the keys of `keys` that differ."""
+    out = []
+    for name in keys:
+        section, key = name.split(".", 1)
+        if key not in (saved or {}).get(section, {}):
+            continue  # not recorded by the run that saved it
+        old, new = saved[section][key], (current or {}).get(section, {}).get(key)
+        if old != new:
+            out.append((name, old, new))
+    return out
+
+
+def _fmt(changes) -> str:
+    return "; ".join(f"{k} was {old!r}, is now {new!r}" for k, old, new in changes)
+
+
+def mismatch_message(path: str, changes) -> str:
+    return (
+        f"titan_rw: this run's config does not match the checkpoint {path}: {_fmt(changes)}. "
+        "Resuming would repeat or skip data or load weights of another shape, so nothing was run: no "
+        "checkpoint, metrics row or run config was changed. Either restore these values (the folder's run_config.toml "
+        "holds the config of the run that saved it), or start a new run in a new --job.dump_folder; to start "
+        f"that run over from these weights only (step 0: new optimizer, data order and schedules) add "
+        f"--checkpoint.initial_load_path {path} --checkpoint.initial_load_model_only true"
+    )
+
+
+def read_run_values(path: str) -> dict | None:
+    """The run config stored in checkpoint `path` by `ReweightTrainer.state_dict` (None: not there).
+    Reads the one small bytes value from the DCP files, without loading anything else."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    import torch
+
+    try:
+        md = FileSystemReader(path).read_metadata()
+        info = md.storage_data[MetadataIndex("train_state.titan_rw")]
+        with open(os.path.join(path, info.relative_path), "rb") as fh:
+            fh.seek(info.offset)
+            raw = fh.read(info.length)
+        extra = pickle.loads(torch.load(io.BytesIO(raw), weights_only=False))
+    except Exception:  # noqa: BLE001 - unreadable: DCP's load decides (and falls back)
+        return None
+    return extra.get("run_values") if isinstance(extra, dict) else None
 
 
 def check_checkpoint(path: str) -> str | None:
@@ -79,6 +167,9 @@ class ResumableCheckpointManager(CheckpointManager):
         self._force = False
         self.last_saved_step = -1
         self.loaded_step = -1
+        self.run_values: dict | None = None  # this run's config (set by the trainer): the resume check
+        self.before_save: Callable[[int], None] | None = None  # the trainer's metrics flush
+        self._changes: dict[int, list] = {}  # step -> LOGGED keys changed since that checkpoint
 
     # ------------------------------------------------------------------ choosing what to load
     def _steps(self) -> list[int]:
@@ -91,11 +182,34 @@ class ResumableCheckpointManager(CheckpointManager):
                 out.append(int(m.group(1)))
         return sorted(out, reverse=True)
 
+    def _is_rank0(self) -> bool:
+        return not dist.is_initialized() or dist.get_rank() == 0
+
+    def _agree(self, box: list) -> list:
+        """Rank 0's values on every rank."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(box, src=0)
+        return box
+
+    def _check_config(self, step: int) -> str | None:
+        """Rank 0: the mismatch message for checkpoint `step` (None: none); records its LOGGED changes."""
+        if not self.run_values:
+            return None
+        path = self._create_checkpoint_id(step)
+        saved = None if filesystem.is_remote(path) or not os.path.isdir(path) else read_run_values(path)
+        if saved is None:
+            return None
+        bad = config_changes(saved, self.run_values, MUST_MATCH)
+        if bad:
+            return mismatch_message(path, bad)
+        self._changes[step] = config_changes(saved, self.run_values, LOGGED)
+        return None
+
     def _find_load_step(self, folder: str = "") -> int:
         if folder and folder != self.folder:
             return super()._find_load_step(folder)
-        choice = -1
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        choice, mismatch = -1, None
+        if self._is_rank0():
             for step in self._steps():
                 if step in self._bad:
                     continue
@@ -106,24 +220,36 @@ class ResumableCheckpointManager(CheckpointManager):
                         why = "no .metadata (save did not finish)"
                     else:
                         choice = step
+                        mismatch = self._check_config(step)
                         break
                 self._bad[step] = why
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            box = [choice, self._bad]
-            dist.broadcast_object_list(box, src=0)
-            choice, self._bad = box
+        choice, self._bad, mismatch, self._changes = self._agree([choice, self._bad, mismatch, self._changes])
+        if mismatch:
+            raise ResumeMismatch(mismatch)
         return choice
 
     def _load(self, step: int = -1) -> bool:
         if step != -1:
-            ok = super()._load(step)
+            mismatch = self._check_config(step) if self._is_rank0() else None
+            mismatch, self._changes = self._agree([mismatch, self._changes])
+            if mismatch:
+                raise ResumeMismatch(mismatch)
+            try:
+                ok = super()._load(step)
+            except (Exception, CheckpointException) as e:  # noqa: BLE001
+                self._raise_if_mismatch(e, step)
+                raise
             self.loaded_step = step if ok else -1
+            self._log_changes(self.loaded_step)
             return ok
         while True:
             found = self._find_load_step()
+            if found < 0:
+                self._refuse_fresh_start()
             try:
                 ok = super()._load(-1)
             except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP raises on every rank alike
+                self._raise_if_mismatch(e, found)
                 if found < 0:
                     raise
                 self._bad[found] = f"load failed ({_first_error(e)})"
@@ -131,7 +257,38 @@ class ResumableCheckpointManager(CheckpointManager):
                 continue
             self.loaded_step = found if ok else -1
             self._report(found if ok else -1)
+            self._log_changes(self.loaded_step)
             return ok
+
+    def _raise_if_mismatch(self, e: BaseException, step: int) -> None:
+        """A mismatch found while loading (the data loader's check) stops the run: no fallback."""
+        inner = _inner(e)
+        if isinstance(inner, ResumeMismatch):
+            path = self._create_checkpoint_id(step) if step >= 0 else self.folder
+            changes = getattr(inner, "changes", None)
+            if changes:
+                raise ResumeMismatch(mismatch_message(path, changes)) from inner
+            raise inner
+
+    def _refuse_fresh_start(self) -> None:
+        """Checkpoints exist (with their .metadata) and none loads: stop, never start fresh over them."""
+        real = [(s, why) for s, why in sorted(self._bad.items(), reverse=True) if not why.startswith("no .metadata")]
+        if not real:
+            return
+        what = "; ".join(f"{self._create_checkpoint_id(s)}: {why}" for s, why in real)
+        raise ResumeError(
+            f"titan_rw: {self.folder} holds checkpoints but none of them could be loaded ({what}); "
+            "refusing to start a fresh run over them. Repair or move the damaged step folders away, "
+            "or start a new run in a new --job.dump_folder"
+        )
+
+    def _log_changes(self, step: int) -> None:
+        changes = self._changes.get(step) if step >= 0 else None
+        if changes and self._is_rank0():
+            logger.warning(
+                f"titan_rw resume: changed since the run that saved {self._create_checkpoint_id(step)}: "
+                f"{_fmt(changes)}; the run continues with the new values"
+            )
 
     def _report(self, loaded: int) -> None:
         skipped = [(s, why) for s, why in sorted(self._bad.items(), reverse=True) if loaded < 0 or s > loaded]
@@ -159,10 +316,65 @@ class ResumableCheckpointManager(CheckpointManager):
                 filesystem.rmtree(path)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
-        saved = super()._save(curr_step, last_step)
+        if self.before_save is not None:
+            self.before_save(curr_step)  # metrics rows of the covered steps on disk first
+        self._saving = (curr_step, path)
+        try:
+            saved = super()._save(curr_step, last_step)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001
+            self._raise_if_write_failed(e)
+            raise
         if saved:
             self.last_saved_step = curr_step
+            if last_step and not self.last_save_model_only:  # TorchTitan purges after interval saves only
+                self.maybe_wait_for_saving()
+                self._purge_stale_checkpoints()
         return saved
+
+    def _wait_for_saving(self) -> None:
+        try:
+            super()._wait_for_saving()
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - an async save failed
+            self._raise_if_write_failed(e)
+            raise
+
+    def _raise_if_write_failed(self, e: BaseException) -> None:
+        """No space left / a read-only or forbidden folder during a save: one line naming the path."""
+        import errno
+
+        step, path = getattr(self, "_saving", (-1, self.folder))
+        seen, todo = set(), [_inner(e), e]
+        while todo:
+            x = todo.pop()
+            if x is None or id(x) in seen:
+                continue
+            seen.add(id(x))
+            if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+                what = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                        errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}[x.errno]
+                newest = max(self.last_saved_step, self.loaded_step)
+                prev = self._create_checkpoint_id(newest) if newest >= 0 else None
+                raise CheckpointSaveError(
+                    f"titan_rw checkpoint: {what} while saving step {step} to {path} ({x.filename or path}); "
+                    "that folder has no .metadata and is never loaded; the newest complete checkpoint is "
+                    f"{prev or 'the newest older one in ' + self.folder}. Free space (or lower "
+                    "checkpoint.keep_latest_k) and start the same command again: it resumes from there"
+                ) from x
+            todo += [x.__cause__, x.__context__, _inner(x)]
+        # DCP's writer often reports a full disk as torch.save's "unexpected pos" RuntimeError, the
+        # errno lost: infer it from the space left where the checkpoint goes
+        free = _free_bytes(path)
+        newest = max(self.last_saved_step, self.loaded_step)
+        need = _tree_bytes(self._create_checkpoint_id(newest)) if newest >= 0 else 0
+        if free is not None and free < max(need, 16 << 20):
+            prev = self._create_checkpoint_id(newest) if newest >= 0 else None
+            raise CheckpointSaveError(
+                f"titan_rw checkpoint: no space left on device while saving step {step} to {path} "
+                f"({free} bytes free there; the save failed with {_first_error(e)}); "
+                "that folder has no .metadata and is never loaded; the newest complete checkpoint is "
+                f"{prev or 'the newest older one in ' + self.folder}. Free space (or lower "
+                "checkpoint.keep_latest_k) and start the same command again: it resumes from there"
+            ) from e
 
     def save_now(self, curr_step: int) -> bool:
         """A full checkpoint of the current state, whatever the interval; returns once written."""
@@ -177,13 +389,44 @@ class ResumableCheckpointManager(CheckpointManager):
         return saved or curr_step == self.last_saved_step
 
 
-def _first_error(e: BaseException) -> str:
-    """A one-line reason; for DCP's CheckpointException, the first rank's underlying error."""
+def _free_bytes(path: str) -> int | None:
+    """Bytes available to this user on the file system holding `path` (None: remote / unknown)."""
+    if filesystem.is_remote(path):
+        return None
+    p = os.path.abspath(path)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    try:
+        st = os.statvfs(p)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _tree_bytes(path: str) -> int:
+    total = 0
+    for d, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(d, f))
+            except OSError:
+                pass
+    return total
+
+
+def _inner(e: BaseException) -> BaseException:
+    """For DCP's CheckpointException, the first rank's underlying error; else `e`."""
     failures = getattr(e, "failures", None)
     if isinstance(failures, dict) and failures:
         inner = next(iter(failures.values()))  # (exception, stack summary)
         inner = inner[0] if isinstance(inner, tuple) and inner else inner
         if isinstance(inner, BaseException):
-            e = inner
+            return inner
+    return e
+
+
+def _first_error(e: BaseException) -> str:
+    """A one-line reason; for DCP's CheckpointException, the first rank's underlying error."""
+    e = _inner(e)
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[-1][:300] if text else ''}"

@@ -60,6 +60,10 @@ def weights_main(argv: list[str]) -> int:
     p.add_argument("-r", "--temperature", type=float, default=1.0)
     p.add_argument("--cap", type=float, default=None, help="max weight = cap / b (2 = Theorem 1)")
     a = p.parse_args(argv)
+    if a.cap is not None and not a.cap >= 1:
+        print(f"titan-rw weights: --cap {a.cap} is not allowed: the cap must be >= 1 (max weight = cap / b; "
+              "2 guarantees Theorem 1), or left out for no cap", file=sys.stderr)
+        return 2
     w = sample_weights(torch.tensor(a.losses), a.strategy, a.temperature, cap=a.cap)
     b = len(a.losses)
     print(f"strategy={a.strategy} r={a.temperature} b={b} bound 2/b={max_weight_bound(b):.6f}")

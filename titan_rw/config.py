@@ -283,7 +283,14 @@ def load(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[
 # ----------------------------------------------------------------------------- build
 def _section(values, name):
     kw = {**DEFAULTS.get(name, {}), **values.get(name, {})}
-    return SECTIONS[name](**kw)
+    if name == "checkpoint" and not kw.get("initial_load_path"):
+        kw.setdefault("initial_load_model_only", False)  # nothing to load: TorchTitan's True only warns
+    try:
+        return SECTIONS[name](**kw)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a dataclass's own check (__post_init__), e.g. TorchTitan's [checkpoint]
+        raise ConfigError(f"[{name}] {e}") from None
 
 
 def _world_size() -> int:
@@ -340,19 +347,83 @@ def validate(values: dict, source: str = "config", world_size: int | None = None
     d = _section(values, "data")
     if d.loader == "tokens" and not data_loader_available():
         raise ConfigError(f"{source}: data.loader = 'tokens' but titan_rw.data.loader is not installed")
-    tok_vocab = 2048 if (d.tokenizer is None) else None
-    if tok_vocab is not None and d.loader != "synthetic" and data_loader_available() and fl.vocab_size < tok_vocab:
-        raise ConfigError(f"{source}: model.flavor {m.flavor!r} has vocab {fl.vocab_size} < the tokenizer's {tok_vocab}")
-    ck = _checkpoint_section(values, source)
-    if ck.enable and ck.interval < 1:
-        raise ConfigError(f"{source}: checkpoint.interval must be >= 1")
+    if d.loader != "synthetic" and data_loader_available():
+        _check_tokenizer(d.tokenizer, m.flavor, fl.vocab_size, source)
+    raw_ck = values.get("checkpoint", {})
+    if raw_ck.get("interval", 1) < 1:
+        raise ConfigError(f"{source}: checkpoint.interval = {raw_ck['interval']} is not allowed: it must be >= 1 (steps between checkpoints)")
+    k = raw_ck.get("keep_latest_k", 0)
+    if k < 0 or k == 1:
+        raise ConfigError(
+            f"{source}: checkpoint.keep_latest_k = {k} is not allowed: use 0 (keep every checkpoint) or >= 2 "
+            "(the newest one may still be being written when the older ones are deleted)"
+        )
+    _checkpoint_section(values, source)
     try:
         _section(values, "fault").validate()
     except ValueError as e:
         raise ConfigError(f"{source}: [fault] {e}") from None
+    try:
         _section(values, "periodic_eval").validate()
     except ValueError as e:
-        raise ConfigError(f"{source}: [periodic_eval] {e}") from None
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _check_tokenizer(path: str | None, flavor: str, vocab_size: int, source: str) -> None:
+    """The tokenizer loads and fits the model's embedding (ids < vocab_size), before any compute."""
+    from titan_rw.data import DEFAULT_TOKENIZER
+    from titan_rw.data.tokenizer import SentencePieceTokenizer
+
+    key = f"data.tokenizer {path!r}" if path is not None else f"the shipped tokenizer {DEFAULT_TOKENIZER}"
+    try:
+        n = SentencePieceTokenizer(tokenizer_path=path or DEFAULT_TOKENIZER).get_vocab_size()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{source}: {key}: {e}") from None
+    if n > vocab_size:
+        raise ConfigError(
+            f"{source}: {key} has {n} pieces, more than the vocabulary of model.flavor {flavor!r} "
+            f"({vocab_size}): token ids >= {vocab_size} would not fit the embedding. Use a flavor with a "
+            f"vocabulary of at least {n}, or a tokenizer of at most {vocab_size} pieces"
+        )
+
+
+def _check_writable(path: str, key: str) -> None:
+    """`path` is (or can be created as) a writable folder: checked without creating anything."""
+    if "://" in path:
+        return  # remote storage: found at the first write
+    full = os.path.abspath(path)
+    p = full
+    while not os.path.lexists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise ConfigError(f"{key}: {p} is a file, where the folder {full} should be: move it or choose another {key}")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{key}: {full} cannot be written ({p} is read-only or not writable by this user): "
+            f"choose a writable {key}"
+        )
+
+
+def preflight(cfg) -> None:
+    """Checks before the model is built: the run folder and the checkpoint folder can be written
+    (a file in their place, a read-only mount), and cheap checks of the data a
+    `ReweightTrainer.Config` names (paths, parquet footers and columns, shards found).
+    ConfigError naming the key and the path; nothing is created."""
+    _check_writable(cfg.dump_folder, "job.dump_folder")
+    ck = cfg.checkpoint
+    if ck.enable and not ck.load_only:
+        _check_writable(os.path.join(cfg.dump_folder, ck.folder), "checkpoint.folder")
+    try:
+        from titan_rw.data.loader import TokenDataLoader
+        from titan_rw.data.parquet import DataError
+    except ImportError:
+        return
+    if isinstance(cfg.dataloader, TokenDataLoader.Config):
+        try:
+            TokenDataLoader.preflight(cfg.dataloader)
+        except DataError as e:
+            key = "data.datasets" if cfg.dataloader.datasets else "data.dataset_path"
+            raise ConfigError(f"{key}: {e}") from None
 
 
 def _checkpoint_section(values: dict, source: str):

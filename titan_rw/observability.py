@@ -523,6 +523,14 @@ class RunLogger:
         self._window.clear()
         self._window.extend(tuple(x) for x in sd.get("window", []))
 
+    def sync(self) -> None:
+        """fsync the rows written so far (metrics and samples): called before a checkpoint that
+        covers them is complete."""
+        for fh in (self._fh, self._samples_fh):
+            if fh is not None:
+                fh.flush()
+                os.fsync(fh.fileno())
+
     def close(self) -> None:
         """Flush what is pending and close the files (and the writer if this logger opened it)."""
         if not self.enabled:

@@ -11,9 +11,13 @@ import titan_rw  # noqa: F401  (compat patches before torchtitan)
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 
+# Exit code when the run folder's checkpoints do not fit this run (docs/resuming.md): a config
+# mismatch, or checkpoints none of which loads. Like a config error: restarting does not help.
+EXIT_RESUME_REFUSED = 2
 USAGE = "titan_rw.train --config FILE [--nproc N] [--section.key value ...]"
 
 
@@ -71,9 +75,23 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
         if a.startswith("--nproc="):
             continue
         rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    # titan_rw.torchrun: torchrun whose exit code after a signal is 128 + signal (docs/resuming.md)
+    cmd = [sys.executable, "-m", "titan_rw.torchrun", "--standalone", f"--nproc_per_node={nproc}",
+           "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=120",
            "-m", "titan_rw.train", *rest]
-    return subprocess.call(cmd)
+    proc = subprocess.Popen(cmd)
+
+    def forward(signum, _frame):  # a signal to this process goes to the launcher, which tells the ranks
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
+        signal.signal(sig, forward)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the launcher (same process group)
+    rc = proc.wait()
+    return 128 - rc if rc < 0 else rc
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -106,6 +124,7 @@ def train_main(argv: list[str] | None = None) -> int:
     world = args.nproc if (args.check and args.nproc) else None
     try:
         config = cfgmod.from_args(args.config, overrides, world_size=world)
+        cfgmod.preflight(config)  # the data, before the model is built (docs/data.md)
     except cfgmod.ConfigError as e:
         print(f"titan_rw: config error: {e}", file=sys.stderr)
         return 2
@@ -137,6 +156,7 @@ def run(config) -> int:
     from torchtitan.tools.logging import init_logger, logger
 
     from titan_rw import compat
+    from titan_rw.checkpointing import CheckpointSaveError, ResumeError
     from titan_rw.trainer import TrainingStopped
 
     init_logger()
@@ -156,6 +176,7 @@ def run(config) -> int:
             if not config.checkpoint.enable:
                 raise ValueError("checkpoint.create_seed_checkpoint needs checkpoint.enable = true")
             trainer.checkpointer.save(curr_step=0, last_step=True)
+            trainer._save_run_config()
             logger.info("Created seed checkpoint (step-0): runs in this folder start from it")
         else:
             trainer.train()
@@ -165,6 +186,13 @@ def run(config) -> int:
                 logger.warning(f"titan_rw: no run summary ({type(e).__name__}: {e})")
     except TrainingStopped as e:
         code = e.exit_code
+        print(str(e), file=sys.stderr)
+    except ResumeError as e:  # the run folder's checkpoints do not fit this run: nothing was run
+        code = EXIT_RESUME_REFUSED
+        if os.environ.get("RANK", "0") == "0":
+            print(str(e), file=sys.stderr)
+    except CheckpointSaveError as e:  # disk full / read-only during a save: one line, the path
+        code = 1
         print(str(e), file=sys.stderr)
     except BaseException:
         if trainer is not None:

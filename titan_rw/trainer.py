@@ -15,7 +15,7 @@ MetricsProcessor's TensorBoard writer. The step (Algorithm 1):
    `log_interval` steps and writes `<dump_folder>/metrics.jsonl`, samples.jsonl and TensorBoard
    (rank 0), with the loader's provenance of rank 0's rows; `titan_rw.progress.Progress` prints
    the console line. The resolved config is saved as `<dump_folder>/config.json` and
-   `run_config.toml` at start.
+   `run_config.toml` when training starts, after the resume check (docs/resuming.md).
 
 Gradient accumulation (k micro-batches per optimizer step):
 - scope "microbatch" (default, the paper's behaviour): each micro-batch is its own group of
@@ -179,8 +179,10 @@ class PeriodicEvalConfig:
     batch_size: int = 8
 
     def validate(self) -> None:
-        if self.interval < 0 or self.limit < 0 or self.batch_size < 1:
-            raise ValueError("periodic_eval.interval and limit must be >= 0, batch_size >= 1")
+        for key, low, what in (("interval", 0, "0: never"), ("limit", 0, "0: all examples"), ("batch_size", 1, "")):
+            v = getattr(self, key)
+            if v < low:
+                raise ValueError(f"periodic_eval.{key} = {v} is not allowed: it must be >= {low}" + (f" ({what})" if what else ""))
         if self.interval and not self.tasks:
             raise ValueError("periodic_eval.tasks is empty while periodic_eval.interval > 0")
 
@@ -259,7 +261,6 @@ class ReweightTrainer(Trainer):
         self._is_rank0 = (not torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
         if self._is_rank0:
             os.makedirs(config.dump_folder, exist_ok=True)
-            self._save_run_config()
         mp = self.metrics_processor
         self.run_logger = RunLogger.Config(
             enable_tensorboard=config.metrics.enable_tensorboard,
@@ -284,6 +285,9 @@ class ReweightTrainer(Trainer):
         # provenance of rank 0's rows (only rank 0 writes metrics / samples)
         self._want_provenance = self._is_rank0 and hasattr(self.dataloader, "last_provenance")
         self._init_faults(config)
+        if hasattr(self.checkpointer, "before_save"):  # ResumableCheckpointManager: docs/resuming.md
+            self.checkpointer.run_values = config.run_values  # checked against the checkpoint's on resume
+            self.checkpointer.before_save = self._flush_before_checkpoint
         from titan_rw.models import FLAVORS, describe
 
         if config.model_spec is not None and config.model_spec.flavor in FLAVORS:
@@ -537,6 +541,13 @@ class ReweightTrainer(Trainer):
         return sum(((~torch.isfinite(s.losses)).sum() for s in self._groups),
                    torch.zeros((), dtype=torch.int64, device=self.device))
 
+    def _flush_before_checkpoint(self, step: int) -> None:
+        """Before a checkpoint is written: the rows of every step it covers go to metrics.jsonl
+        (fsync'ed), so a hard kill after the save loses none of them."""
+        if self.run_logger is not None:
+            self._flush()
+            self.run_logger.sync()
+
     def _fault_metrics(self) -> dict[str, Any]:
         """Per-step fault counters (device tensors) merged into the metrics row."""
         return {
@@ -719,6 +730,8 @@ class ReweightTrainer(Trainer):
         config = self.config
         sl.log_trace_instant("training_start")
         self.checkpointer.load(step=config.checkpoint.load_step)
+        if self._is_rank0:  # after the resume check: a refused config never replaces the run's
+            self._save_run_config()
         loaded_step = self.step
         if loaded_step:
             logger.info(f"titan_rw: resumed from the checkpoint of step {loaded_step} "
@@ -769,6 +782,7 @@ class ReweightTrainer(Trainer):
             "skipped_steps": int(self._skipped_total),
             "consecutive_skips": int(self._consec),
             "rng": _rng_state(),
+            "run_values": self.config.run_values,  # the resume check (titan_rw.checkpointing)
         }
         sd["titan_rw"] = pickle.dumps(extra)
         return sd

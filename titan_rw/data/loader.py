@@ -189,12 +189,17 @@ class TokenStream:
         if st.get("version") != STATE_VERSION:
             raise ValueError(f"token stream state version {st.get('version')} != {STATE_VERSION}")
         mine = self.state()
-        for k in ("seq_len", "n_tokens", "seed"):
-            if st.get(k) != mine[k]:
-                raise ValueError(
-                    f"dataloader checkpoint was made with {k}={st.get(k)}, this run has {mine[k]}: "
-                    "resuming would repeat or skip data (same data, seed and seq_len are required)"
-                )
+        names = {"seq_len": "training.seq_len", "n_tokens": "data (tokens per dataset: n_tokens)", "seed": "data.seed"}
+        differ = [k for k in ("seq_len", "n_tokens", "seed") if st.get(k) != mine[k]]
+        if differ:
+            from titan_rw.checkpointing import ResumeMismatch
+
+            raise ResumeMismatch(
+                "dataloader checkpoint was made with "
+                + ", ".join(f"{k}={st.get(k)}, this run has {mine[k]}" for k in differ)
+                + ": resuming would repeat or skip data (same data, seed and seq_len are required)",
+                changes=[(names[k], st.get(k), mine[k]) for k in differ],
+            )
         if not np.allclose(st.get("weights", []), mine["weights"]):
             logger.warning("mixture weights changed since the checkpoint: %s -> %s", st.get("weights"), mine["weights"])
         self.global_row = int(st["global_row"])
@@ -309,6 +314,30 @@ class TokenDataLoader(BaseDataLoader):
                       for s, p, w in zip(sources, packed, self.stream.weights)),
             seq_len, local_batch_size, dp_world_size, dp_rank,
         )
+
+    @staticmethod
+    def preflight(config: "TokenDataLoader.Config") -> None:
+        """Cheap checks before anything is built (no tokenizing): every path exists and resolves to
+        shards or parquet files, every local parquet footer reads and has the text column, and a
+        parquet dataset has rows. DataError naming the path."""
+        from titan_rw.data.parquet import _is_remote, check_columns, expand_parquet_paths, open_parquet
+
+        for path in list(config.datasets) or ([config.dataset_path] if config.dataset_path else []):
+            fmt = resolve_format(path, config.format)
+            if fmt == "shards":
+                if not find_shards(path):
+                    raise DataError(f"{path}: no .ds token shards found")
+                continue
+            files = expand_parquet_paths(path)
+            local = [f for f in files if not _is_remote(f)]
+            rows = 0
+            for f in local:
+                pf = open_parquet(f)
+                check_columns(pf, f, config.text_key)
+                rows += pf.metadata.num_rows
+            if local and len(local) == len(files) and rows == 0:
+                shown = ", ".join(os.path.abspath(f) for f in files[:3]) + (", ..." if len(files) > 3 else "")
+                raise DataError(f"{os.path.abspath(path)}: empty dataset: its {len(files)} parquet file(s) hold no rows ({shown})")
 
     # -- building --------------------------------------------------------------------------------
     def _text_tokenizer_or_none(self):

@@ -110,8 +110,10 @@ def _open_parquet_source(files, spec, tokenizer, *, add_bos, add_eos, text_key, 
         )
     try:
         src = TokenSource(name or _dataset_name(str(spec)), parts)
-    except DataError as e:
-        raise DataError(f"{e} [{stats.skipped} document(s) skipped: {stats.skipped_examples[:3]}]") from None
+    except DataError as e:  # name the dataset's full path and its files
+        shown = ", ".join(os.path.abspath(f) if "://" not in f else f for f in files[:3]) + (", ..." if len(files) > 3 else "")
+        full = str(spec) if "://" in str(spec) else os.path.abspath(str(spec))
+        raise DataError(f"{e}: {full} ({shown}) [{stats.skipped} document(s) skipped: {stats.skipped_examples[:3]}]") from None
     src.read_stats = stats
     logger.info(
         "streamed %s: %d files, %d docs, %d tokens in %.1fs",

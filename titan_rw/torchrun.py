@@ -1,0 +1,44 @@
+"""`python -m titan_rw.torchrun [torchrun arguments]`: torch's `torchrun`, with the exit code of a run
+stopped by a signal made what docs/resuming.md says (128 + signal: 143 for TERM, 138 for USR1).
+
+torch 2.13's launcher, when it receives a signal it handles (`--signals-to-handle`; Slurm and users
+signal the launcher), forwards it to the workers, waits `--shutdown-timeout` seconds for them (they
+save a checkpoint and exit 143 / 138) and then exits 1, like any failure; when the workers alone
+were signalled and exit 143 / 138, it also exits 1 (a failed child). Here:
+
+- the launcher stopped by a signal S exits 128 + S, after the same forwarding and wait;
+- every failed worker exiting with the same 128 + TERM or 128 + USR1 code: the launcher exits with it;
+- anything else is unchanged (0, or 1 with torchrun's error report).
+
+Everything else is torchrun itself, arguments included.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+_SIGNAL_CODES = (128 + signal.SIGTERM, 128 + signal.SIGUSR1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        torchrun.main(argv)
+    except SignalException as e:  # the launcher itself was signalled: the workers had their chance
+        sig = int(e.sigval)
+        print(f"titan_rw.torchrun: stopped by {signal.Signals(sig).name}; exit code {128 + sig}", file=sys.stderr)
+        return 128 + sig
+    except ChildFailedError as e:
+        codes = {f.exitcode for f in e.failures.values()}
+        if len(codes) == 1 and (code := codes.pop()) in _SIGNAL_CODES:
+            return code  # the workers stopped on a signal, after their checkpoint
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
