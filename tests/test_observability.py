@@ -342,7 +342,7 @@ def test_record_never_reads_the_device_and_flush_reads_once(tmp_path, monkeypatc
 
 
 def test_bound_violations_counted_and_cap_removes_them(tmp_path):
-    # DESIGN.md §2: LinUpper, r = 1, one high loss among b = 128: max w = e/(e + 127) > 2/128
+    # docs/design.md §2: LinUpper, r = 1, one high loss among b = 128: max w = e/(e + 127) > 2/128
     f = torch.zeros(128)
     f[0] = 5.0
     rl = RunLogger.Config(log_interval=10).build(str(tmp_path), 0)

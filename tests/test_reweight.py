@@ -1,8 +1,8 @@
-"""Tests of titan_rw.reweight against the paper (Section 4.2, Alg. 1, Eq. 4, Prop. 1) and DESIGN.md §2.
+"""Tests of titan_rw.reweight against the paper (Section 4.2, Alg. 1, Eq. 4, Prop. 1) and docs/design.md §2.
 
 The reference below is written from the paper's formulas in plain Python float64 (math only, no
 torch), independently of the module under test. Where the paper is silent (the guard for a ~zero
-loss range, invalid samples, the cap), it follows the contract in DESIGN.md §2.
+loss range, invalid samples, the cap), it follows the contract in docs/design.md §2.
 """
 
 from __future__ import annotations
@@ -359,7 +359,7 @@ def test_cap_one_is_uniform_over_valid():
 
 
 # ----------------------------------------------------------------------------------------------
-# The counterexample (DESIGN.md §2): LinUpper can break Theorem 1's precondition without a cap
+# The counterexample (docs/design.md §2): LinUpper can break Theorem 1's precondition without a cap
 # ----------------------------------------------------------------------------------------------
 def test_linupper_counterexample_breaks_bound_without_cap_and_cap_restores_it():
     b = 128

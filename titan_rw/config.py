@@ -124,7 +124,7 @@ TITAN_SECTIONS: dict[str, type] = {
     "periodic_eval": PeriodicEvalConfig,
 }
 SECTIONS: dict[str, type] = {**OWN_SECTIONS, **TITAN_SECTIONS}
-# Our defaults where TorchTitan's do not suit this project (DESIGN.md §3).
+# Our defaults where TorchTitan's do not suit this project (docs/design.md §3).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "checkpoint": {"last_save_model_only": False},  # else resume fails: "Missing key ... dataloader"
     "parallelism": {"spmd_backend": "partial_dtensor"},  # spmd_types fails with FSDP on torch 2.13

@@ -101,7 +101,7 @@ def per_sample_loss(
     Returns (losses [B] float32 with autograd to `hidden` and `lm_head.weight`, valid-token
     counts [B]). The projection runs through one call of `lm_head`, so FSDP2 all-gathers
     its weight once and reduce-scatters its gradient once, and the logits exist one chunk
-    at a time in forward and backward (DESIGN.md §2, "Memory").
+    at a time in forward and backward (docs/design.md §2, step 1).
     """
     if ignore_index != IGNORE_INDEX:
         labels = torch.where(labels == ignore_index, IGNORE_INDEX, labels)

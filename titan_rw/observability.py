@@ -14,7 +14,7 @@ pending device tensor into one flat float32 tensor and moves it to the host in O
 writes, per recorded step:
 
 - one JSON object to `<dump_folder>/metrics.jsonl` (names below; `read_metrics` reads them back),
-- TensorBoard scalars / histograms / text, tags grouped as in DESIGN.md §5:
+- TensorBoard scalars / histograms / text, tags grouped as in docs/design.md §5:
 
   loss/unweighted, loss/weighted                         mean f_i, Σ w_i f_i
   weights/max, weights/ess (1/Σw²), weights/entropy (nats), weights/temperature

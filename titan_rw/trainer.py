@@ -64,7 +64,7 @@ from titan_rw.reweight import STRATEGIES, TemperatureSchedule, sample_weights
 @dataclass(kw_only=True, slots=True)
 class ReweightConfig:
     strategy: str = "linupper"
-    """One of uniform, linupper, quadratic, extremes, dro_kl (DESIGN.md §2)."""
+    """One of uniform, linupper, quadratic, extremes, dro_kl (docs/design.md §2)."""
     temperature: float = 1.0
     """Target temperature r (paper: 1.0 for 1.4B, 2.0 for 7B)."""
     warmup_temperature: float = 100.0
