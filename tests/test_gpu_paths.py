@@ -108,5 +108,5 @@ def test_bf16_params_and_hsdp_on_two_gloo_ranks(tmp_path):
             # HSDP sums the gradients over both mesh dimensions as FSDP does: the same run
             assert c[k] == pytest.approx(a[k], rel=1e-5), (k, a, c)
             # bf16 compute: within bf16's precision of the fp32 run, and really not fp32
-            assert b[k] == pytest.approx(a[k], rel=2e-2), (k, a, b)
+            assert b[k] == pytest.approx(a[k], rel=1e-2), (k, a, b)
     assert any(b["loss"] != a["loss"] for a, b in zip(fp32["metrics"], bf16["metrics"]))
