@@ -1,4 +1,4 @@
-"""Document-causal attention on every device (docs/design.md: CPU trains the model a GPU trains).
+"""Document-causal attention on every device: a CPU run trains the model a GPU run trains.
 
 The loader packs several documents per row and restarts `positions` at 0 at each. A token must
 attend to the earlier tokens of its own document only: FlexAttention's block mask on GPU, SDPA with
