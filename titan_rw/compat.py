@@ -13,8 +13,9 @@ is guarded and does nothing where it is not needed:
                          device module answering what TorchTitan asks of `torch.cuda`.
 3. ``set_timeout``      torch lacks `torch.distributed.set_timeout` (2.13) → alias it to
                          `_set_pg_timeout` (not CPU-specific).
-4. ``sdpa_attention``   no CUDA → FlexAttention has no CPU backward; models use causal SDPA
-                         (`attention_backend()`, read by `titan_rw.models`).
+4. ``sdpa_attention``   no CUDA → FlexAttention has no CPU backward; models use SDPA with the
+                         same document-causal mask as a boolean tensor (`attention_backend()`,
+                         read by `titan_rw.models`).
 5. ``partial_dtensor``  torch < 2.14 → `ParallelismConfig.spmd_backend` defaults to
                          "partial_dtensor" (the "spmd_types" default fails with FSDP on 2.13).
 6. ``force_sum_reduce`` no accelerator (gloo has no PREMUL_SUM) → after TorchTitan disables

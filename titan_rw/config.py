@@ -129,6 +129,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "checkpoint": {"last_save_model_only": False},  # else resume fails: "Missing key ... dataloader"
     "parallelism": {"spmd_backend": "partial_dtensor"},  # spmd_types fails with FSDP on torch 2.13
     "metrics": {"enable_tensorboard": True},
+    "training": {"disable_cuda_graphs": True},  # the reweighted step cannot be graph-captured
 }
 
 
@@ -316,6 +317,12 @@ def validate(values: dict, source: str = "config", world_size: int | None = None
     if t.seq_len > fl.max_seq_len:
         raise ConfigError(
             f"{source}: training.seq_len {t.seq_len} exceeds the maximum sequence length {fl.max_seq_len} of model.flavor {m.flavor!r}"
+        )
+    if values.get("training", {}).get("disable_cuda_graphs") is False:
+        raise ConfigError(
+            f"{source}: training.disable_cuda_graphs = false is not supported: a CUDA-graph replay of the "
+            "reweighted step would skip its host-side state (weights statistics, temperature, fixed "
+            "global-batch weights) and train with stale values; remove the key (titan_rw keeps it true)"
         )
     for key in ("steps", "local_batch_size", "seq_len"):
         if getattr(t, key) < 1:

@@ -6,9 +6,14 @@ RoPE θ = 10000 without scaling, untied embeddings, vocabulary 32000, up to 8192
 `debug` (and the even smaller `tiny`, for tests) keep the vocabulary of the shipped
 2048-piece sentencepiece tokenizer.
 
-Attention: TorchTitan's default (FlexAttention, document-causal) where CUDA is present;
-causal SDPA on CPU, where FlexAttention has no backward (compat patch 4). SDPA ignores
-document boundaries inside a packed row, as fms-fsdp does.
+Attention is document-causal on every device: a token attends to the earlier tokens of its own
+document only (the loader packs several documents per row and restarts `positions` at 0 at each).
+Where CUDA is present it is TorchTitan's default, FlexAttention with a block mask; on CPU, where
+FlexAttention has no backward (compat patch 4), it is SDPA with a boolean mask
+(`DocumentCausalSDPA`). Both masks come from one definition, `document_mask_mods(positions)`
+(TorchTitan's causal and packed-document mask_mods): FlexAttention evaluates it block-wise, the CPU
+path evaluates it densely once per forward (`document_causal_mask`), not once per layer.
+A forward without `positions` (lm-eval, one document per row) is plain causal attention.
 """
 
 from __future__ import annotations
@@ -18,9 +23,20 @@ import titan_rw  # noqa: F401  (compat patches before torchtitan)
 import os
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import and_masks
+
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm, compute_ffn_hidden_dim
-from torchtitan.models.common.attention import ScaledDotProductAttention
+from torchtitan.models.common.attention import (
+    FlexAttention,
+    ScaledDotProductAttention,
+    VarlenAttention,
+    get_causal_mask_mod,
+    get_efficient_causal_mask_mod_for_packed_document,
+)
 from torchtitan.models.llama3 import Llama3Model, _build_llama3_layers, parallelize_llama
 from torchtitan.models.llama3 import _EMBEDDING_INIT, _NORM_INIT, _output_linear_init
 from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
@@ -58,15 +74,91 @@ FLAVORS: dict[str, Flavor] = {
 }
 
 
+# ----------------------------------------------------------------------------- attention
+def document_mask_mods(positions: torch.Tensor) -> list:
+    """The document-causal mask of packed rows as FlexAttention mask_mods (ANDed): causal, and the
+    key in the query's document. A document starts where `positions` [B, L] is 0. These are the
+    mask_mods TorchTitan's Decoder builds its FlexAttention block mask from; `Llama` uses this one
+    function for the GPU block mask and the CPU dense mask alike."""
+    return [get_causal_mask_mod(), get_efficient_causal_mask_mod_for_packed_document(positions)]
+
+
+def document_causal_mask(positions: torch.Tensor) -> torch.Tensor:
+    """`document_mask_mods(positions)` evaluated on the whole (query, key) grid: bool [B, 1, L, L],
+    True where the query may attend to the key (SDPA's `attn_mask`). Device ops only."""
+    B, L = positions.shape
+    idx = torch.arange(L, device=positions.device)
+    b = torch.arange(B, device=positions.device).view(B, 1, 1)
+    h = torch.zeros((), dtype=torch.long, device=positions.device)
+    mask = and_masks(*document_mask_mods(positions))(b, h, idx.view(1, L, 1), idx.view(1, 1, L))
+    return mask.expand(B, L, L).unsqueeze(1)
+
+
+class DocumentCausalSDPA(ScaledDotProductAttention):
+    """TorchTitan's SDPA inner attention, taking `document_causal_mask` as `attention_masks`
+    (plain causal when none is given). FlexAttention's stand-in where it cannot run backward."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(ScaledDotProductAttention.Config):
+        pass
+
+    # flash attention takes no mask on CUDA: memory-efficient attention before the math kernel
+    sdpa_backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                     SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+    def forward(self, q_BLNH, k_BLNH, v_BLNH, *, attention_masks=None, scale=None, enable_gqa=False, **kwargs):
+        if attention_masks is None:
+            return super().forward(q_BLNH, k_BLNH, v_BLNH, scale=scale, enable_gqa=enable_gqa, is_causal=True)
+        if not isinstance(attention_masks, torch.Tensor) or attention_masks.dtype != torch.bool:
+            raise TypeError(f"DocumentCausalSDPA takes a boolean mask (document_causal_mask), got {type(attention_masks).__name__}")
+        q, k, v = (t.transpose(1, 2) for t in (q_BLNH, k_BLNH, v_BLNH))
+        with sdpa_kernel(self.sdpa_backends, set_priority=True):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_masks, scale=scale, enable_gqa=enable_gqa)
+        return out.transpose(1, 2)
+
+
+class Llama(Llama3Model):
+    """TorchTitan's Llama3Model whose attention masks all come from `document_mask_mods`, and which
+    builds them itself (once per forward) when a caller passes no masks (TorchTitan's trainer
+    builds FlexAttention's; the CPU mask and direct callers such as the experiments and lm-eval
+    rely on this)."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Llama3Model.Config):
+        pass
+
+    def _create_flex_attention_mask_for_document(self, positions, attn_config):
+        return self._create_flex_attention_mask(positions, attn_config, document_mask_mods(positions))
+
+    def get_attention_masks(self, positions: torch.Tensor):
+        inner = getattr(self.config.first_attention, "inner_attention", None)
+        if isinstance(inner, DocumentCausalSDPA.Config):
+            return document_causal_mask(positions)
+        return Llama3Model.get_attention_masks(self, positions)
+
+    def forward(self, tokens, positions=None, attention_masks=None):
+        if attention_masks is None:
+            inner = getattr(self.config.first_attention, "inner_attention", None)
+            if positions is not None and isinstance(inner, DocumentCausalSDPA.Config):
+                attention_masks = self.get_attention_masks(positions)
+            elif isinstance(inner, (FlexAttention.Config, VarlenAttention.Config)):
+                # FlexAttention/varlen always need a mask; without positions a row is one document
+                B, L = tokens.shape[:2]
+                doc_positions = torch.arange(L, device=tokens.device).expand(B, L) if positions is None else positions
+                attention_masks = self.get_attention_masks(doc_positions)
+        return Llama3Model.forward(self, tokens, positions, attention_masks)
+
+
 def flavor(name: str) -> Flavor:
     if name not in FLAVORS:
         raise ValueError(f"unknown model flavor {name!r}; valid: {', '.join(FLAVORS)}")
     return FLAVORS[name]
 
 
-def model_config(name: str, attn_backend: str | None = None) -> Llama3Model.Config:
-    """TorchTitan `Llama3Model.Config` of a flavor. `attn_backend`: "sdpa", "flex",
-    "flex_flash", "varlen", or None for the machine's default (compat patch 4)."""
+def model_config(name: str, attn_backend: str | None = None) -> Llama.Config:
+    """The `Llama.Config` (TorchTitan's Llama3Model.Config) of a flavor. `attn_backend`: "sdpa"
+    (document-causal SDPA), "flex", "flex_flash", "varlen", or None for the machine's default
+    (compat patch 4)."""
     f = flavor(name)
     backend = attn_backend or compat.attention_backend() or "flex"
     layers = _build_llama3_layers(
@@ -81,8 +173,8 @@ def model_config(name: str, attn_backend: str | None = None) -> Llama3Model.Conf
     )
     if backend == "sdpa":  # TorchTitan refuses "sdpa" for LMs by name; build it directly
         for layer in layers:
-            layer.attention.inner_attention = ScaledDotProductAttention.Config()
-    return Llama3Model.Config(
+            layer.attention.inner_attention = DocumentCausalSDPA.Config()
+    return Llama.Config(
         dim=f.dim,
         vocab_size=f.vocab_size,
         tok_embeddings=Embedding.Config(num_embeddings=f.vocab_size, embedding_dim=f.dim, param_init=_EMBEDDING_INIT),

@@ -205,6 +205,47 @@ SAME_SIGNAL_WINDOW_S = 5.0
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+# Parallelisms the reweighted step cannot run under, and why (checked by the trainer itself, before
+# TorchTitan builds anything; titan_rw.config refuses them earlier with the file's name).
+_UNSUPPORTED_PARALLELISM = {
+    "tensor_parallel_degree": "the per-sample loss projects each row's hidden states onto the full "
+                              "vocabulary on one rank (no vocabulary-sharded logits)",
+    "context_parallel_degree": "a sample's loss would be split over the ranks that hold its sequence "
+                               "shards, and the weights need whole-sample losses",
+    "pipeline_parallel_degree": "the step runs the model and the per-sample loss in one forward, "
+                                "not as pipeline stages",
+    "expert_parallel_degree": "the Llama flavors have no experts",
+}
+
+
+def _check_parallelism(par) -> None:
+    """TP/CP/PP/EP are refused here too, not only by the config loader: a `ReweightTrainer.Config`
+    built in Python must not reach a step that would compute wrong weights."""
+    for key, why in _UNSUPPORTED_PARALLELISM.items():
+        degree = getattr(par, key)
+        if degree != 1:
+            raise ValueError(
+                f"titan_rw: parallelism.{key} = {degree} is not supported by the reweighted step: {why}. "
+                "Set it to 1 and scale with data parallelism (FSDP: parallelism.data_parallel_shard_degree; "
+                "HSDP: also parallelism.data_parallel_replicate_degree)."
+            )
+
+
+def _no_cuda_graph_capture(training) -> None:
+    """TorchTitan 0.3.0 captures `_forward_backward_body` in a CUDA graph unless
+    `training.disable_cuda_graphs`; a replay runs no Python, and the reweighted body has host-side
+    effects a replay would skip (the per-group WeightStats list, the micro-batch counters, the
+    global-batch scope's fixed weights, the temperature tensor replaced after the warm-up): the run
+    would fail or train with stale weights. So the capture is off, always (titan_rw.config refuses
+    `training.disable_cuda_graphs = false`)."""
+    was = training.disable_cuda_graphs
+    training.disable_cuda_graphs = True
+    logger.info(
+        "titan_rw: CUDA-graph capture of the step is off (training.disable_cuda_graphs = true"
+        + ("" if was else ", forced") + "): the reweighted step keeps host-side state that a graph replay would skip"
+    )
+
+
 def _first_attempt() -> bool:
     return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") in ("", "0")
 
@@ -228,8 +269,8 @@ class ReweightTrainer(Trainer):
         config.reweight.validate()
         config.fault.validate()
         config.periodic_eval.validate()
-        if config.parallelism.pipeline_parallel_degree > 1:
-            raise ValueError("titan_rw: pipeline parallelism is not supported by the reweighted step")
+        _check_parallelism(config.parallelism)
+        _no_cuda_graph_capture(config.training)
         super().__init__(config)
         rw = config.reweight
         self.rw = rw
