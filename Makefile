@@ -2,6 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STEPS ?=
+# Test files run on TEST_WORKERS processes (pytest-xdist), each file's tests on one of them: most
+# tests wait on subprocesses and use one core, so 2 workers halve the suite's time on 2 cores.
+TEST_WORKERS ?= 2
 
 .PHONY: setup train test clean
 
@@ -12,7 +15,7 @@ train: setup
 	$(VENV)/bin/titan-rw train --config train_configs/debug_cpu.toml $(if $(STEPS),--training.steps $(STEPS),)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf runs .pytest_cache
