@@ -3,7 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STEPS ?=
 # Test files run on TEST_WORKERS processes (pytest-xdist), each file's tests on one of them: most
-# tests wait on subprocesses and use one core, so 2 workers halve the suite's time on 2 cores.
+# tests wait on subprocesses (one worker used 1.1 cores): on 2 cores 2 workers took the suite
+# from 21.6 to 15.1 minutes (2026-11-30).
 TEST_WORKERS ?= 2
 
 .PHONY: setup train test clean
