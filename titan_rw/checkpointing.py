@@ -352,14 +352,7 @@ class ResumableCheckpointManager(CheckpointManager):
             if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
                 what = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                         errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}[x.errno]
-                newest = max(self.last_saved_step, self.loaded_step)
-                prev = self._create_checkpoint_id(newest) if newest >= 0 else None
-                raise CheckpointSaveError(
-                    f"titan_rw checkpoint: {what} while saving step {step} to {path} ({x.filename or path}); "
-                    "that folder has no .metadata and is never loaded; the newest complete checkpoint is "
-                    f"{prev or 'the newest older one in ' + self.folder}. Free space (or lower "
-                    "checkpoint.keep_latest_k) and start the same command again: it resumes from there"
-                ) from x
+                raise self._save_error(what, step, path, x.filename or path) from x
             todo += [x.__cause__, x.__context__, _inner(x)]
         # DCP's writer often reports a full disk as torch.save's "unexpected pos" RuntimeError, the
         # errno lost: infer it from the space left where the checkpoint goes
@@ -367,14 +360,18 @@ class ResumableCheckpointManager(CheckpointManager):
         newest = max(self.last_saved_step, self.loaded_step)
         need = _tree_bytes(self._create_checkpoint_id(newest)) if newest >= 0 else 0
         if free is not None and free < max(need, 16 << 20):
-            prev = self._create_checkpoint_id(newest) if newest >= 0 else None
-            raise CheckpointSaveError(
-                f"titan_rw checkpoint: no space left on device while saving step {step} to {path} "
-                f"({free} bytes free there; the save failed with {_first_error(e)}); "
-                "that folder has no .metadata and is never loaded; the newest complete checkpoint is "
-                f"{prev or 'the newest older one in ' + self.folder}. Free space (or lower "
-                "checkpoint.keep_latest_k) and start the same command again: it resumes from there"
-            ) from e
+            detail = f"{free} bytes free there; the save failed with {_first_error(e)}"
+            raise self._save_error("no space left on device", step, path, detail) from e
+
+    def _save_error(self, what: str, step: int, path: str, detail: str) -> CheckpointSaveError:
+        newest = max(self.last_saved_step, self.loaded_step)
+        prev = self._create_checkpoint_id(newest) if newest >= 0 else None
+        return CheckpointSaveError(
+            f"titan_rw checkpoint: {what} while saving step {step} to {path} ({detail}); "
+            "that folder has no .metadata and is never loaded; the newest complete checkpoint is "
+            f"{prev or 'the newest older one in ' + self.folder}. Free space (or lower "
+            "checkpoint.keep_latest_k) and start the same command again: it resumes from there"
+        )
 
     def save_now(self, curr_step: int) -> bool:
         """A full checkpoint of the current state, whatever the interval; returns once written."""

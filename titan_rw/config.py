@@ -449,7 +449,7 @@ def _checkpoint_section(values: dict, source: str):
         path = raw.get("initial_load_path")
         if not path:
             tok = values.get("data", {}).get("tokenizer")
-            if not (tok and os.path.isdir(tok) and any(n.endswith(".safetensors") for n in os.listdir(tok))):
+            if not (tok and _has_safetensors(tok)):
                 raise ConfigError(
                     f"{source}: checkpoint.initial_load_in_hf = true needs checkpoint.initial_load_path = "
                     f"/absolute/path/to/the/hf_folder (or data.tokenizer set to that folder)"
@@ -458,7 +458,7 @@ def _checkpoint_section(values: dict, source: str):
         elif not os.path.isabs(path):
             raise ConfigError(f"{source}: checkpoint.initial_load_path {path!r} must be an absolute path "
                               f"(e.g. {os.path.abspath(path)})")
-        if not os.path.isdir(path) or not any(n.endswith(".safetensors") for n in os.listdir(path)):
+        if not _has_safetensors(path):
             raise ConfigError(f"{source}: checkpoint.initial_load_path {path!r} is not a folder with *.safetensors "
                               f"(a Hugging Face model folder, e.g. from `titan-rw export RUN --hf OUT`)")
         _check_hf_shapes(path, _section(values, "model").flavor, source)
@@ -466,6 +466,11 @@ def _checkpoint_section(values: dict, source: str):
         return _section(values, "checkpoint")
     except ValueError as e:
         raise ConfigError(f"{source}: [checkpoint] {e}") from None
+
+
+def _has_safetensors(folder: str) -> bool:
+    """`folder` is a folder holding *.safetensors (a Hugging Face model folder)."""
+    return os.path.isdir(folder) and any(n.endswith(".safetensors") for n in os.listdir(folder))
 
 
 def _check_hf_shapes(folder: str, flavor: str, source: str) -> None:

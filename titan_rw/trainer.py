@@ -39,6 +39,7 @@ import pickle
 import random
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Iterator, Literal
@@ -658,8 +659,6 @@ class ReweightTrainer(Trainer):
         return self.fault.kill_rank in (-1, self._rank)
 
     def _on_signal(self, signum, _frame) -> None:
-        import time
-
         if self._signal_received == signum:
             if time.monotonic() - self._signal_time < SAME_SIGNAL_WINDOW_S:
                 return  # one stop request delivered twice: by Slurm to every process of the step and by torchrun
