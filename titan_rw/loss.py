@@ -88,6 +88,19 @@ def _token_nll_forward(lm_head: nn.Module, labels: torch.Tensor, num_chunks: int
     return forward
 
 
+def per_token_nll(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, *, num_chunks: int = 8) -> torch.Tensor:
+    """NLL of every token [B, T] (float32, 0 where the label is IGNORE_INDEX), from the final hidden
+    states [B, T, D], with autograd to `hidden` and `lm_head.weight`. The projection runs through
+    one call of `lm_head`, so FSDP2 all-gathers its weight once and reduce-scatters its gradient
+    once, and the logits exist one chunk at a time in forward and backward (docs/design.md §2)."""
+    plain = lm_head.forward
+    lm_head.forward = _token_nll_forward(lm_head, labels, num_chunks)
+    try:
+        return lm_head(hidden)
+    finally:
+        lm_head.forward = plain
+
+
 def per_sample_loss(
     lm_head: nn.Module,
     hidden: torch.Tensor,
@@ -96,21 +109,14 @@ def per_sample_loss(
     num_chunks: int = 8,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean token NLL of each sample, from the final hidden states [B, T, D].
+    """Mean token NLL of each sample (row), from the final hidden states [B, T, D].
 
     Returns (losses [B] float32 with autograd to `hidden` and `lm_head.weight`, valid-token
-    counts [B]). The projection runs through one call of `lm_head`, so FSDP2 all-gathers
-    its weight once and reduce-scatters its gradient once, and the logits exist one chunk
-    at a time in forward and backward (docs/design.md §2, step 1).
+    counts [B]); see `per_token_nll` (docs/design.md §2, step 1).
     """
     if ignore_index != IGNORE_INDEX:
         labels = torch.where(labels == ignore_index, IGNORE_INDEX, labels)
-    plain = lm_head.forward
-    lm_head.forward = _token_nll_forward(lm_head, labels, num_chunks)
-    try:
-        token_nll = lm_head(hidden)
-    finally:
-        lm_head.forward = plain
+    token_nll = per_token_nll(lm_head, hidden, labels, num_chunks=num_chunks)
     n_valid = (labels != IGNORE_INDEX).sum(dim=1)
     return token_nll.sum(dim=1) / n_valid.clamp(min=1), n_valid
 
