@@ -62,6 +62,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
+from titan_rw.documents import DEFAULT_MAX_DOCUMENTS, DEFAULT_MIN_DOCUMENT_TOKENS
 from titan_rw.reweight import STRATEGIES, TemperatureSchedule
 
 DEFAULT_STRATEGIES = ("uniform", "linupper")
@@ -89,8 +90,8 @@ class DupConfig:
     max_docs: int | None = None  # subsample the pieces; None = all
     seed: int = 0  # the seed of one run set (data selection, shuffles, row order, model init)
     seeds: tuple[int, ...] | None = None  # several run sets; None = (seed,)
-    min_document_tokens: int = 1  # document granularity: shorter fragments (see document_weights)
-    max_documents: int = 16  # fragments per row kept apart; more are merged into the last
+    min_document_tokens: int = DEFAULT_MIN_DOCUMENT_TOKENS  # shorter fragments keep their token share
+    max_documents: int = DEFAULT_MAX_DOCUMENTS  # fragment slots per row; more are merged into the last
     check_uniform_document: bool = False  # also run uniform at document granularity (first seed)
     jobs: int = 1  # runs at once (separate processes)
     threads: int | None = None  # torch intra-op threads per run process
@@ -285,6 +286,7 @@ def step_loss(model, inputs, positions, labels, *, granularity: str, strategy: s
     elif granularity == "document":
         from titan_rw.documents import document_losses, document_weights
 
+        # Alg. 1 over the fragments of the batch, on top of their token shares (titan_rw.documents)
         nll = per_token_nll(model.lm_head, hidden, labels, num_chunks=cfg.loss_chunks)
         d = document_losses(nll, labels, positions, cfg.max_documents)
         f, n = d.losses.reshape(-1), d.n_tokens.reshape(-1)
@@ -406,7 +408,8 @@ def _split_means(x: np.ndarray, q: np.ndarray, n: np.ndarray | None = None) -> d
 
 
 def run_name(granularity: str, strategy: str) -> str:
-    return "uniform" if strategy == "uniform" else f"{strategy} / {granularity}"
+    """"linupper / document"; uniform at row granularity (= the token mean) is plain "uniform"."""
+    return "uniform" if (strategy, granularity) == ("uniform", "row") else f"{strategy} / {granularity}"
 
 
 def summarize(run: dict) -> dict:
@@ -656,8 +659,8 @@ def _check(cfg: DupConfig) -> None:
     seeds = cfg.seed_list()
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds repeat: {seeds} (--seeds: a count N for 0..N-1, or a list like 0,1,2)")
-    if cfg.min_document_tokens < 1 or cfg.max_documents < 1:
-        raise ValueError("need --min-document-tokens >= 1 and --max-documents >= 1")
+    if cfg.min_document_tokens < 0 or cfg.max_documents < 1:
+        raise ValueError("need --min-document-tokens >= 0 and --max-documents >= 1")
     if cfg.jobs < 1:
         raise ValueError("need --jobs >= 1")
     from titan_rw.models import FLAVORS
@@ -710,6 +713,10 @@ def run(cfg: DupConfig, out_dir: str, *, log=print) -> tuple[list[dict], list[di
     first_raw = []
     for (i, *_), r in zip(tasks, results):
         per_seed[i]["runs"].append(summarize(r))
+        raw = {k: v for k, v in r.items() if isinstance(v, np.ndarray)}  # to recompute other statistics
+        np.savez_compressed(
+            os.path.join(out_dir, f"seed{r['seed']}", f"{r['strategy']}_{r['granularity']}.npz"), **raw
+        )
         if i == 0:
             first_raw.append(r)
     return per_seed, first_raw
@@ -732,7 +739,7 @@ def _seeds_arg(text: str) -> tuple[int, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--seeds: a count N or a list like 0,1,2, got {text!r}") from None
     if n < 1:
-        raise argparse.ArgumentTypeError(f"--seeds: need N >= 1, got {n}")
+        raise argparse.ArgumentTypeError(f"--seeds: a count N >= 1, got {n} (one seed S: --seed S or --seeds S,)")
     return tuple(range(n))
 
 
@@ -761,8 +768,8 @@ def _parse(argv):
     ap.add_argument("--granularity", default=d.granularity, choices=GRANULARITIES,
                     help="a sample is a packed row, a document fragment, or run both (default %(default)s)")
     ap.add_argument("--min-document-tokens", type=int, default=d.min_document_tokens,
-                    help="document granularity: fragments with fewer tokens keep their token share "
-                    "(titan_rw.documents.document_weights; default %(default)s)")
+                    help="document granularity: fragments with fewer tokens are not reweighted, they keep "
+                    "their token share (titan_rw.documents.document_weights; default %(default)s)")
     ap.add_argument("--max-documents", type=int, default=d.max_documents,
                     help="document fragments per row kept apart, the rest merged (default %(default)s)")
     ap.add_argument("--check-uniform-document", action="store_true",
