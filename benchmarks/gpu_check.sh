@@ -164,7 +164,7 @@ if [[ "$SMOKE" == 1 ]]; then
         --training.local_batch_size 4 \
         --training.global_batch_size "$(( 8 * NPROC ))" \
         --reweight.warmup_steps 0 \
-        --reweight.log_interval 1 \
+        --logging.log_interval 1 \
         --compile.enable false \
         --checkpoint.enable false \
         --metrics.enable_tensorboard false \
@@ -211,7 +211,7 @@ for strategy in uniform linupper; do
         --lr_scheduler.warmup_steps 2 \
         --reweight.strategy "$strategy" \
         --reweight.warmup_steps 0 \
-        --reweight.log_interval 5 \
+        --logging.log_interval 5 \
         --parallelism.data_parallel_shard_degree -1 \
         --compile.enable true \
         --training.mixed_precision_param bfloat16 \

@@ -44,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 GLOBAL_BATCH = 16
 RUNS = {  # name: (ranks, local batch, scope, strategy, temperature, extra overrides)
-    "one": (1, 8, "microbatch", "linupper", 0.2, ["--fault.nan_loss_steps", "[2]"]),
+    "one": (1, 8, "microbatch", "linupper", 0.2, ["--fault_injection.nan_loss_steps", "[2]"]),
     "two": (2, 4, "microbatch", "linupper", 0.2, []),
     "global": (1, 8, "global_batch", "quadratic", 0.3, []),
 }
@@ -219,7 +219,7 @@ def test_runs_exercise_what_the_checks_are_about(runs):
 
 @pytest.mark.slow
 def test_nonfinite_activation_drops_the_step(runs):
-    """fault.nan_loss_steps puts +inf in sample 0's embedding output at step 2 (rank 0, first
+    """fault_injection.nan_loss_steps puts +inf in sample 0's embedding output at step 2 (rank 0, first
     micro-batch): its loss is NaN, it gets weight 0 and leaves b, and the whole step is dropped."""
     run = runs["one"]
     f0 = run["cap"][2]["groups"][0]["losses"]

@@ -90,7 +90,7 @@ def runs(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("resume_safety"))
     folder = os.path.join(base, "run")
     r = {"base": base, "folder": folder}
-    _run(base, folder, "--fault.kill_at_step", "4", expect=-9)
+    _run(base, folder, "--fault_injection.kill_at_step", "4", expect=-9)
     r["rows_after_kill"] = _rows(folder)
     r["steps_after_kill"] = _steps(folder)
     r["snapshot"] = _snapshot(folder)

@@ -148,6 +148,44 @@ def gather_losses(local: torch.Tensor, group: dist.ProcessGroup | None) -> torch
     return funcol.wait_tensor(_all_gather(local.contiguous(), gather_dim=0, group=group))
 
 
+def gather_group(columns: list[torch.Tensor], group: dist.ProcessGroup | None, dp_size: int) -> torch.Tensor:
+    """One all-gather of this rank's per-sample columns, each [k, n] (k micro-batches of n samples),
+    over the data-parallel group → [c, k·dp·n] in the group's order: micro-batch j, then DP rank,
+    then sample (what a 1-rank run with dp·n samples per micro-batch would see)."""
+    c, k, n = len(columns), columns[0].shape[0], columns[0].shape[1]
+    everyone = gather_losses(torch.stack(columns).reshape(-1), group)  # one collective
+    return everyone.view(dp_size, c, k, n).permute(1, 2, 0, 3).reshape(c, k * dp_size * n)
+
+
+def group_weights(
+    local_losses: torch.Tensor,
+    local_valid: torch.Tensor,
+    temperature: torch.Tensor | float,
+    *,
+    strategy: str,
+    cap: float | None,
+    group: dist.ProcessGroup | None,
+    dp_rank: int,
+    dp_size: int,
+) -> tuple[torch.Tensor, WeightStats]:
+    """The weights of one reweighting group spread over the DP ranks: this rank's [k, n] losses and
+    valid masks → (this rank's weights [k, n], the group's WeightStats). pack → gather → Eq. (4)
+    over the whole group → this rank's slice, by its DP-mesh rank (never LOCAL_RANK)."""
+    f = local_losses.detach().float()
+    ok = local_valid & torch.isfinite(f)
+    f_all, ok_all = gather_group([f, ok.float()], group, dp_size)
+    ok_all = ok_all > 0.5
+    w = sample_weights(f_all, strategy, temperature, cap=cap, valid=ok_all)  # Eq. (4)
+    k, n = f.shape
+    return w.view(k, dp_size, n)[:, dp_rank], WeightStats.of(f_all, w, ok_all)
+
+
+def weighted_sum(weights: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """Σ_i w_i f_i (Alg. 1 line 8). A non-finite sample has weight 0, but 0 * nan is nan: select,
+    don't multiply."""
+    return torch.where(weights > 0, weights * losses.float(), 0.0).sum()
+
+
 def reweighted_loss(
     local_losses: torch.Tensor,
     temperature: torch.Tensor | float,
@@ -159,19 +197,12 @@ def reweighted_loss(
     dp_size: int,
     valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, WeightStats]:
-    """This rank's share of  sum_i w_i f_i  over the whole data-parallel group.
+    """This rank's share of  sum_i w_i f_i  over the whole data-parallel group (one micro-batch).
 
     TorchTitan's FSDP sums gradients across DP ranks (divide factor 1), so the sum over
     ranks of these local sums has exactly the gradient  sum_global w_i grad f_i.
     """
-    b_local = local_losses.shape[0]
-    f = local_losses.detach().float()
-    ok = torch.isfinite(f) if valid is None else valid & torch.isfinite(f)
-    both = gather_losses(torch.stack([f, ok.float()]).t().reshape(-1), group)  # one collective
-    both = both.view(dp_size * b_local, 2)
-    losses, ok_all = both[:, 0], both[:, 1] > 0.5
-    w = sample_weights(losses, strategy, temperature, cap=cap, valid=ok_all)  # Eq. (4)
-    w_local = w[dp_rank * b_local : (dp_rank + 1) * b_local]  # by DP-mesh rank, never LOCAL_RANK
-    # A non-finite sample has weight 0, but 0 * nan is nan: select, don't multiply.
-    loss = torch.where(w_local > 0, w_local * local_losses.float(), 0.0).sum()
-    return loss, WeightStats.of(losses, w, ok_all)
+    valid = torch.ones_like(local_losses, dtype=torch.bool) if valid is None else valid
+    w, stats = group_weights(local_losses[None], valid[None], temperature, strategy=strategy, cap=cap,
+                             group=group, dp_rank=dp_rank, dp_size=dp_size)
+    return weighted_sum(w[0], local_losses), stats

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import math
 import os
 import time
@@ -57,6 +58,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from titan_rw.progress import Progress
+
+_log = logging.getLogger()  # TorchTitan's logger (the root logger): the console lines of the run
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
@@ -159,25 +164,79 @@ def tb_writer_of(metrics_processor) -> Any | None:
     return None
 
 
+@dataclass(frozen=True)
+class GroupLayout:
+    """Where this rank's samples sit in a step's reweighting groups: micro-batch j's group holds
+    dp_size · local_samples samples, in DP-rank order, and the step's groups are concatenated."""
+
+    microbatches: int = 1
+    local_samples: int = 0
+    dp_rank: int = 0
+    dp_size: int = 1
+
+    def provenance_index(self, n_rows: int) -> list[int] | None:
+        """Position of each of this rank's rows in the step's groups concatenated: micro-batch j,
+        row r -> j·b + dp_rank·b_local + r, b = dp_size·b_local (both scopes). None: the identity."""
+        k, b_l = self.microbatches, self.local_samples
+        if k == 1 and self.dp_rank == 0:
+            return None
+        b = b_l * self.dp_size
+        return [j * b + self.dp_rank * b_l + r for j in range(k) for r in range(b_l)][:n_rows]
+
+
+@dataclass
+class FaultCounters:
+    """The step's fault counters (device int64 scalars), merged into its metrics row."""
+
+    nonfinite_samples: torch.Tensor  # NaN/inf losses in the step: weight 0, step dropped
+    skipped: torch.Tensor  # 1 when this step's optimizer update was skipped
+    skipped_steps: torch.Tensor  # since the start of the run (checkpointed)
+    consecutive_skips: torch.Tensor
+
+    def as_metrics(self) -> dict[str, torch.Tensor]:
+        return {"nonfinite_samples": self.nonfinite_samples, "skipped": self.skipped,
+                "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step, as the trainer hands it to `RunLogger.record_step` (device tensors stay
+    on device until the interval's flush)."""
+
+    step: int
+    groups: list  # titan_rw.loss.WeightStats, one per reweighting group
+    temperature: float | torch.Tensor
+    lr: float
+    grad_norm: torch.Tensor
+    ntokens: int
+    faults: FaultCounters | None = None
+    scores: dict[str, float] = field(default_factory=dict)  # periodic eval, on eval steps
+    provenance: list | None = None  # this rank's rows (loader's last_provenance), rank 0 only
+    inputs: torch.Tensor | None = None  # their tokens, on samples steps
+
+
 class RunLogger:
     @dataclass(kw_only=True, slots=True)
     class Config:
-        enable_tensorboard: bool = True
-        """Write TensorBoard event files (metrics.jsonl is always written)."""
-        save_tb_folder: str = "tb"
-        """Under dump_folder, like TorchTitan's metrics.save_tb_folder (a timestamped run dir below)."""
+        """`[logging]`: what the run writes and how often (the TensorBoard switch and folder are
+        TorchTitan's `metrics.enable_tensorboard` / `metrics.save_tb_folder`)."""
+
         metrics_file: str = METRICS_FILE
+        """File under dump_folder that receives one JSON object per step (rank 0)."""
         samples_file: str = SAMPLES_FILE
         log_interval: int = 10
-        """Steps between host reads (flushes); steps 1 and the last step flush too."""
+        """Steps between host reads of the on-device statistics (metrics.jsonl, TensorBoard, console);
+        steps 1 and the last step flush too."""
         histogram_interval: int = 50
-        """Histograms of the weights and per-sample losses every N steps (and at step 1)."""
+        """TensorBoard histograms of the weights and per-sample losses every N steps (and step 1)."""
         samples_interval: int = 100
-        """Text/doc id/URL of the top_k most and least weighted samples every N steps (and step 1)."""
+        """The top_k most / least weighted samples (text, doc id, URL) to TensorBoard and samples.jsonl
+        every N steps (and step 1)."""
         top_k: int = 3
+        """Samples per table (0: none)."""
         snippet_chars: int = 240
         max_weight_window: int = 1000
-        """Steps in the windowed distribution of the per-step max weight."""
+        """Steps in the windowed distribution of the per-step max weight (weights/max_window)."""
         bound_c: float = 2.0
         """Theorem 1's bound is max w <= bound_c / b."""
         bound_tol: float = 1e-6
@@ -191,11 +250,11 @@ class RunLogger:
         def validate(self) -> None:
             for name in ("log_interval", "histogram_interval", "samples_interval", "max_weight_window"):
                 if getattr(self, name) < 1:
-                    raise ValueError(f"RunLogger.Config.{name} must be >= 1, got {getattr(self, name)}")
+                    raise ValueError(f"logging.{name} must be >= 1, got {getattr(self, name)}")
             if self.top_k < 0:
-                raise ValueError(f"RunLogger.Config.top_k must be >= 0, got {self.top_k}")
+                raise ValueError(f"logging.top_k must be >= 0, got {self.top_k}")
             if not self.bound_c > 0:
-                raise ValueError(f"RunLogger.Config.bound_c must be > 0, got {self.bound_c}")
+                raise ValueError(f"logging.bound_c must be > 0, got {self.bound_c}")
 
         def build(self, dump_folder: str, rank: int = 0, **kwargs) -> "RunLogger":
             return RunLogger(self, dump_folder=dump_folder, rank=rank, **kwargs)
@@ -209,6 +268,8 @@ class RunLogger:
         writer_rank: int = 0,
         writer: Any | None = None,
         tb_dir: str | None = None,
+        tensorboard: bool = True,
+        layout: "GroupLayout | None" = None,
         num_flops_per_token: float | None = None,
         peak_flops: float | None = None,
         decode=None,
@@ -219,7 +280,9 @@ class RunLogger:
         `num_flops_per_token`, `peak_flops`: MFU = 100 · flops/token · tokens/s per device / peak.
         `decode(list[int]) -> str`: renders the sample snippets from the `inputs` given to record.
         `static`: constant fields copied into every metrics.jsonl row (e.g. {"strategy": "linupper"}).
-        `total_steps`: the last step always flushes."""
+        `total_steps`: the last step always flushes.
+        `tensorboard`: write event files (own writer under <dump_folder>/tb/<time> unless `writer`).
+        `layout`: where this rank's samples sit in a step's groups (`record_step`'s provenance)."""
         config.validate()
         self.config = config
         self.dump_folder = dump_folder
@@ -229,6 +292,8 @@ class RunLogger:
         self.decode = decode
         self.static = dict(static or {})
         self.total_steps = total_steps
+        self.layout = layout or GroupLayout()
+        self.progress = Progress(total_steps or 0)
         self.metrics_path = os.path.join(dump_folder, config.metrics_file)
         self.samples_path = os.path.join(dump_folder, config.samples_file)
         self._pending: list[dict] = []  # one per recorded step
@@ -247,7 +312,7 @@ class RunLogger:
         if not self.enabled:
             return
         os.makedirs(dump_folder, exist_ok=True)
-        if config.enable_tensorboard:
+        if tensorboard:
             if writer is not None:
                 self.writer = writer
                 self.tb_dir = getattr(writer, "log_dir", None) or writer.get_logdir()
@@ -255,7 +320,7 @@ class RunLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb_dir = tb_dir or os.path.join(
-                    dump_folder, config.save_tb_folder, datetime.now().strftime("%Y%m%d-%H%M")
+                    dump_folder, "tb", datetime.now().strftime("%Y%m%d-%H%M")
                 )
                 self.writer = SummaryWriter(self.tb_dir, max_queue=1000)
                 self._own_writer = True
@@ -363,9 +428,63 @@ class RunLogger:
             self._ntokens += int(ntokens)
         self._pending.append(entry)
 
-    def should_flush(self, step: int) -> bool:
+    def is_log_step(self, step: int) -> bool:
+        """The one cadence rule: steps 1, every log_interval, and the last step read the device
+        statistics (on every rank: the consecutive-skip check reads its counters on these steps)."""
         last = self.total_steps is not None and step >= self.total_steps
-        return self.enabled and (self._is_every(step, self.config.log_interval) or last)
+        return self._is_every(step, self.config.log_interval) or last
+
+    def wants_samples(self, step: int) -> bool:
+        """A samples table is due at `step` (the caller then keeps the step's input tokens)."""
+        return self.enabled and self.config.top_k > 0 and self._is_every(step, self.config.samples_interval)
+
+    def should_flush(self, step: int) -> bool:
+        return self.enabled and self.is_log_step(step)
+
+    def record_step(self, rec: "StepRecord") -> None:
+        """The trainer's one call per optimizer step (device ops only); flushes on log steps."""
+        extra: dict[str, Any] = {"lr": rec.lr, "grad_norm": rec.grad_norm.detach()}
+        if rec.faults is not None:
+            extra.update(rec.faults.as_metrics())
+        extra.update(rec.scores)  # eval/<task>/<metric>: host floats, on eval steps only
+        prov = rec.provenance
+        self.record(
+            rec.step,
+            rec.groups,
+            temperature=rec.temperature,
+            provenance=prov,
+            provenance_index=self.layout.provenance_index(len(prov)) if prov is not None else None,
+            inputs=rec.inputs,
+            ntokens=rec.ntokens,
+            extra=extra,
+        )
+        if self.is_log_step(rec.step):
+            self.flush_and_report(rec.step)
+
+    def flush_and_report(self, step: int) -> list[dict]:
+        """Flush, warn about skipped steps, print the progress line (rank 0)."""
+        rows = self.flush(step)  # the one device->host read of the interval
+        for r in rows:
+            if r.get("skipped", 0) > 0:
+                why = (f"{int(r['nonfinite_samples'])} sample(s) with a non-finite loss"
+                       if r.get("nonfinite_samples", 0) > 0 else f"non-finite gradient norm ({r.get('grad_norm')})")
+                _log.warning(
+                    f"step {r['step']}: {why}; optimizer step skipped "
+                    f"({int(r.get('consecutive_skips', 0))} in a row, {int(r.get('skipped_steps', 0))} in the run)"
+                )
+        if rows and self.enabled:
+            _log.info(self.progress.row_line(rows[-1]))
+        return rows
+
+    def before_checkpoint(self, _step: int) -> None:
+        """Before a checkpoint is written: the rows of every step it covers go to metrics.jsonl
+        (fsync'ed), so a hard kill after the save loses none of them."""
+        self.flush_and_report(_step)
+        self.sync()
+
+    def resumed_at(self, step: int) -> None:
+        """The console's rates count from the resumed step."""
+        self.progress = Progress(self.total_steps or 0, start=step)
 
     # ------------------------------------------------------------------ at the interval (host)
     def flush(self, step: int | None = None) -> list[dict]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -195,3 +196,44 @@ class TemperatureSchedule:
     def load_state_dict(self, state: dict) -> None:
         # The configured shape wins (a user may change the target on resume); the step resumes.
         self.last_step = int(state["last_step"])
+
+
+@dataclass(kw_only=True, slots=True)
+class ReweightConfig:
+    """`[reweight]`: the weights of Algorithm 1 (docs/design.md §2)."""
+
+    strategy: str = "linupper"
+    """One of uniform, linupper, quadratic, extremes, dro_kl (docs/design.md §2)."""
+    temperature: float = 1.0
+    """Target temperature r (paper: 1.0 for 1.4B, 2.0 for 7B)."""
+    warmup_temperature: float = 100.0
+    """Temperature during the warm-up steps (Appendix A.2: r = 100)."""
+    warmup_steps: int = 0
+    """Steps at warmup_temperature before the target."""
+    anneal: Literal["constant", "linear", "cosine"] = "constant"
+    """How the temperature goes from warmup_temperature to temperature after the warm-up."""
+    anneal_steps: int = 0
+    """Length of a linear/cosine anneal."""
+    cap: float | None = None
+    """Cap c ≥ 1: project weights onto w_i ≤ c/b (c = 2 guarantees Theorem 1's precondition)."""
+    scope: Literal["microbatch", "global_batch"] = "microbatch"
+    """Reweighting group under gradient accumulation (titan_rw.trainer's docstring: the cost)."""
+    loss_chunks: int = 8
+    """Chunks of the output projection in the per-sample loss (memory vs launch overhead)."""
+
+    def validate(self) -> None:
+        _check_strategy(self.strategy)
+        if self.cap is not None and not self.cap >= 1:
+            raise ValueError(f"reweight.cap must be >= 1 (or unset), got {self.cap}")
+        if self.loss_chunks < 1:
+            raise ValueError(f"reweight.loss_chunks must be >= 1, got {self.loss_chunks}")
+        self.schedule()  # validates temperatures / anneal
+
+    def schedule(self) -> TemperatureSchedule:
+        return TemperatureSchedule(
+            target=self.temperature,
+            warmup_value=self.warmup_temperature,
+            warmup_steps=self.warmup_steps,
+            anneal=self.anneal,
+            anneal_steps=self.anneal_steps,
+        )
