@@ -148,13 +148,15 @@ def _cap_weights_prior(log_w: torch.Tensor, cap: float, valid: torch.Tensor, log
     key = torch.where(valid, log_w - lp, neg)  # log(w_i / pi_i): the saturation order
     _, order = torch.sort(key, descending=True)  # invalid last
     lws, lus = log_w.gather(0, order), log_u.gather(0, order)
-    pis = torch.exp(lp.gather(0, order))
     k = torch.arange(n, device=log_w.device)
     log_rest = torch.logcumsumexp(lws.flip(0), 0).flip(0)  # log(w_(k) + w_(k+1) + ...)
-    pinned_left = 1.0 - cap * (torch.cumsum(pis, 0) - pis)  # 1 - cap * (pi_(0) + ... + pi_(k-1))
+    # 1 - cap * (pi_(0) + ... + pi_(k-1)) = cap * (pi_(k) + pi_(k+1) + ...) - (cap - 1): from the
+    # suffix sum, so that a tail of tiny priors keeps its precision (exact for cap = 1, where w = pi).
+    rest_pi = torch.exp(torch.logcumsumexp(lp.gather(0, order).flip(0), 0).flip(0))
+    pinned_left = cap * rest_pi - (cap - 1.0)
     log_left = torch.log(pinned_left.clamp(min=torch.finfo(log_w.dtype).tiny))
     fits = (log_left + (lws - log_rest) <= lus + 1e-6) & (pinned_left > 0) & (k < n_valid)
-    # First k that fits; k = b - 1 always does up to rounding (lambda w_(b-1) = 1 - cap (1 - pi_(b-1))).
+    # First k that fits; k = b - 1 always does up to rounding (lambda w_(b-1) = cap pi_(b-1) - (cap - 1)).
     first = torch.where(fits.any(), fits.to(torch.int8).argmax(), (n_valid - 1).clamp(min=0)).reshape(1)
     log_wi = log_left.gather(0, first) + (log_w - log_rest.gather(0, first))  # log(lambda w_i)
     w = torch.where(valid, torch.exp(torch.minimum(log_wi, log_u)), 0.0)
