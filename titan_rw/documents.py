@@ -30,19 +30,22 @@ from titan_rw.reweight import _check_strategy, _check_temperature, sample_weight
 IGNORE_INDEX = -100  # the labels' padding value (TorchTitan's; the same as titan_rw.loss.IGNORE_INDEX)
 
 # Slots per row (config key reweight.max_documents): a row with more fragments merges its tail into
-# the last slot, which is then a "merged" slot and keeps its token share.
+# the last slot, which is then a "merged" slot and keeps its token share. An 8192-token row overflows
+# 64 slots only when its documents average under 128 tokens; [B, 64] per-row slots cost nothing.
 DEFAULT_MAX_DOCUMENTS = 64
 
 # Fragments with fewer valid tokens than this keep their token share (config key
-# reweight.min_document_tokens). A fragment's loss is a mean over n tokens, standard error
-# ~ sigma_token / sqrt(n), and per-token NLL is broad (sigma_token of 2-3 nats in LM pretraining):
-# at n = 32 the noise is ~0.18 sigma_token (~0.4-0.5 nat), at n = 4 ~0.5 sigma_token (1-1.5 nat),
-# more than the spread of document losses the strategies rank. Short fragments are also where the
-# extremes come from, and min-max normalization (Alg. 1 line 5) lets one noisy extreme squash every
-# other h. Fragments under 32 tokens are mostly the tail of a document continued at the start of a
-# row and very short documents; they carry a small share of the tokens, so leaving them at their
-# plain-training share costs little of the reweighting. 32 trades these two off; raise it to trust
-# only longer documents.
+# reweight.min_document_tokens). Why 32:
+# - Noise. f_d is a mean over n_d tokens, standard error ~ sigma_token / sqrt(n_d), and per-token NLL
+#   is broad (sigma_token of the order of 2-3 nats in LM pretraining; an assumption, not measured
+#   here): ~0.5 sigma_token at n = 4, ~0.18 sigma_token at n = 32, ~0.09 at n = 128. Below ~32 the
+#   noise is as large as the spread of document losses the strategies rank, and min-max
+#   normalization (Alg. 1 line 5) lets one noisy extreme squash every other h.
+# - Cost. A row has at most two fragments that are short only because the row cuts them (the
+#   continuation at its start, the document cut at its end): at most 2 * 31 tokens, <= 0.8% of an
+#   8192-token row (3% of 2048). Other short fragments are genuinely tiny documents, few tokens in
+#   all. Keeping these at their token share (plain training) loses little of the reweighting.
+# Raise it to rank only longer documents; 0 or 1 ranks every non-empty fragment.
 DEFAULT_MIN_DOCUMENT_TOKENS = 32
 
 
