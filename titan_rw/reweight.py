@@ -5,6 +5,16 @@
     s  -> w = softmax(s / r)                               Eq. (4)
     w  -> min(lambda w, c / b), sum = 1  (optional cap)     Proposition 1 / Eq. (5)
 
+With a prior pi (e.g. each document's token share, titan_rw.documents) the uniform weight of
+sample i is pi_i instead of 1/b, and the weights reweight on top of it:
+
+    w_i = pi_i exp(s_i / r) / sum_j pi_j exp(s_j / r),  i.e. softmax of z = s / r + log pi,
+
+so `uniform` gives w = pi. Theorem 1 needs w_i <= 2/b = 2 * (1/b): no sample more than twice its
+uniform weight. Its analogue with a prior is the ratio bound w_i / pi_i <= c (c = 2), which the
+cap enforces as w_i = min(lambda w_i, c pi_i) (Prop. 1's form; `cap_weights`, `max_weight_ratio`).
+With pi = 1/b both reduce to the row formulas above.
+
 Everything stays on the tensor's device with no host synchronisation and no
 Python branching on tensor values, so `torch.compile(fullgraph=True)` traces it.
 """
@@ -27,6 +37,21 @@ RANGE_EPS = 1e-6
 def max_weight_bound(b: int | torch.Tensor, c: float = 2.0):
     """Theorem 1's precondition: no weight above c/b (c = 2 in the paper)."""
     return c / b
+
+
+def max_weight_ratio(weights: torch.Tensor, prior: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """max_i w_i / pi_i over the valid samples with pi_i > 0: how many times its uniform weight the
+    most up-weighted sample gets. pi is normalized here over those samples. Its bound is c = 2
+    (Theorem 1's w_i <= 2/b is the case pi = 1/b, where the ratio is b * max w); 0 if none count.
+    A device scalar, no host sync."""
+    p = prior.detach().float()
+    ok = torch.isfinite(p) & (p > 0)
+    if valid is not None:
+        ok = ok & valid.to(device=p.device, dtype=torch.bool)
+    pi = torch.where(ok, p, 0.0)
+    pi = pi / pi.sum().clamp(min=torch.finfo(pi.dtype).tiny)
+    ratio = torch.where(ok, weights.detach().float() / torch.where(ok, pi, 1.0), 0.0)
+    return ratio.amax() if ratio.numel() else ratio.sum()
 
 
 def _check_strategy(strategy: str) -> None:
@@ -68,7 +93,9 @@ def strategy_scores(h: torch.Tensor, strategy: str) -> torch.Tensor:
     raise ValueError(f"strategy {strategy!r} has no normalized score")
 
 
-def cap_weights(log_w: torch.Tensor, cap: float, valid: torch.Tensor) -> torch.Tensor:
+def cap_weights(
+    log_w: torch.Tensor, cap: float, valid: torch.Tensor, log_prior: torch.Tensor | None = None
+) -> torch.Tensor:
     """KL projection onto {w >= 0, sum w = 1, w_i <= cap / b} of the weights exp(log_w).
 
     The projection has Proposition 1's form w_i = min(lambda w_i, cap / b), lambda >= 1. The
@@ -76,7 +103,12 @@ def cap_weights(log_w: torch.Tensor, cap: float, valid: torch.Tensor) -> torch.T
     lambda_k = (1 - k u) / (sum of the rest), and the answer is the smallest k whose first
     unsaturated weight stays under u. One sort and a scan, in log space so that weights that
     underflow in linear space still count: exact, branch-free, compilable.
+
+    With `log_prior` (log pi_i, any scale; normalized here over the valid samples) the bound is
+    per sample, u_i = cap * pi_i (see `_cap_weights_prior`); without it the code below runs.
     """
+    if log_prior is not None:
+        return _cap_weights_prior(log_w, cap, valid, log_prior)
     n = log_w.numel()
     n_valid = valid.sum()
     b = n_valid.clamp(min=1).to(log_w.dtype)
@@ -95,6 +127,43 @@ def cap_weights(log_w: torch.Tensor, cap: float, valid: torch.Tensor) -> torch.T
     return w / w.sum().clamp(min=torch.finfo(w.dtype).tiny)
 
 
+def _cap_weights_prior(log_w: torch.Tensor, cap: float, valid: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
+    """KL projection onto {w >= 0, sum w = 1, w_i <= u_i = cap * pi_i} of the weights exp(log_w).
+
+    Minimizing KL(v || w) = sum_i v_i log(v_i / w_i) under sum v = 1 and v_i <= u_i, the KKT
+    conditions give v_i = w_i exp(-mu - nu_i), nu_i >= 0 only where v_i = u_i, i.e.
+    v_i = min(lambda w_i, u_i) with lambda = e^{-mu} >= 1 (sum min(w_i, u_i) <= 1) set by sum v = 1
+    (Prop. 1's form). Sample i saturates iff lambda w_i >= cap pi_i, i.e. iff its ratio w_i / pi_i
+    is at least cap / lambda: the saturated set is the k largest ratios. Sorted by ratio, pinning
+    the first k leaves 1 - cap * (pi_(0) + ... + pi_(k-1)) for the rest, so
+    lambda_k = that / (w_(k) + w_(k+1) + ...), and the answer is the smallest k with
+    lambda_k w_(k) <= cap pi_(k). Feasible for cap >= 1 (sum u = cap >= 1). Same sort-and-scan as
+    the uniform case, in log space, branch-free.
+    """
+    n = log_w.numel()
+    n_valid = valid.sum()
+    neg = torch.full_like(log_w, -torch.inf)
+    lp = torch.where(valid, log_prior.to(log_w.dtype), neg)
+    lp = torch.where(valid, lp - torch.logsumexp(lp, 0), neg)  # log pi, normalized over the valid
+    log_u = math.log(cap) + lp  # log of each sample's bound cap * pi_i (-inf when invalid)
+    key = torch.where(valid, log_w - lp, neg)  # log(w_i / pi_i): the saturation order
+    _, order = torch.sort(key, descending=True)  # invalid last
+    lws, lus = log_w.gather(0, order), log_u.gather(0, order)
+    k = torch.arange(n, device=log_w.device)
+    log_rest = torch.logcumsumexp(lws.flip(0), 0).flip(0)  # log(w_(k) + w_(k+1) + ...)
+    # 1 - cap * (pi_(0) + ... + pi_(k-1)) = cap * (pi_(k) + pi_(k+1) + ...) - (cap - 1): from the
+    # suffix sum, so that a tail of tiny priors keeps its precision (exact for cap = 1, where w = pi).
+    rest_pi = torch.exp(torch.logcumsumexp(lp.gather(0, order).flip(0), 0).flip(0))
+    pinned_left = cap * rest_pi - (cap - 1.0)
+    log_left = torch.log(pinned_left.clamp(min=torch.finfo(log_w.dtype).tiny))
+    fits = (log_left + (lws - log_rest) <= lus + 1e-6) & (pinned_left > 0) & (k < n_valid)
+    # First k that fits; k = b - 1 always does up to rounding (lambda w_(b-1) = cap pi_(b-1) - (cap - 1)).
+    first = torch.where(fits.any(), fits.to(torch.int8).argmax(), (n_valid - 1).clamp(min=0)).reshape(1)
+    log_wi = log_left.gather(0, first) + (log_w - log_rest.gather(0, first))  # log(lambda w_i)
+    w = torch.where(valid, torch.exp(torch.minimum(log_wi, log_u)), 0.0)
+    return w / w.sum().clamp(min=torch.finfo(w.dtype).tiny)
+
+
 def sample_weights(
     losses: torch.Tensor,
     strategy: str,
@@ -102,12 +171,18 @@ def sample_weights(
     *,
     cap: float | None = None,
     valid: torch.Tensor | None = None,
+    prior: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weights for one reweighting group (the gathered batch, in DP-rank order).
 
     Invalid samples (mask False or non-finite loss) get exactly 0 and don't count in b,
     f_min or f_max. Valid weights sum to 1 (all zero when nothing is valid). Computed in
     float32 whatever the input dtype; returned in float32.
+
+    `prior` [n] (>= 0, any scale): each sample's uniform weight pi, normalized here over the valid
+    samples; then w_i = pi_i exp(s_i / r) / sum_j pi_j exp(s_j / r) (logits s / r + log pi, also
+    for dro_kl), so `uniform` gives w = pi, and `cap` bounds w_i <= cap * pi_i. A sample with
+    pi_i = 0 (or non-finite) counts as invalid. prior=None is the row formula (pi = 1/b), unchanged.
     """
     _check_strategy(strategy)
     _check_temperature(temperature)
@@ -126,6 +201,13 @@ def sample_weights(
     ok = torch.isfinite(f)
     if valid is not None:
         ok = ok & valid.to(device=f.device, dtype=torch.bool)
+    if prior is not None:
+        if prior.shape != losses.shape:
+            raise ValueError(
+                f"prior shape {tuple(prior.shape)} does not match losses shape {tuple(losses.shape)}"
+            )
+        p = prior.detach().to(device=f.device, dtype=torch.float32)
+        ok = ok & torch.isfinite(p) & (p > 0)
     f = torch.where(ok, f, 0.0)
 
     if strategy == "dro_kl":  # Table 12 baseline: softmax of the raw loss
@@ -135,9 +217,16 @@ def sample_weights(
 
     # Eq. (4), stable: subtract the max valid score before exp.
     z = torch.where(ok, s / temperature, -torch.inf)
+    log_pi = None
+    if prior is not None:  # the prior's logits: z = s / r + log pi
+        log_pi = torch.where(ok, torch.log(torch.where(ok, p, 1.0)), -torch.inf)
+        log_pi = torch.where(ok, log_pi - torch.logsumexp(log_pi, 0), -torch.inf)
+        z = torch.where(ok, z + log_pi, -torch.inf)
     z = z - torch.where(ok, z, -torch.finfo(z.dtype).max).amax()
-    if cap is not None:  # Proposition 1: w_i = min(lambda e^{z_i}, cap / b)
+    if cap is not None:  # Proposition 1: w_i = min(lambda e^{z_i}, cap / b)  (cap * pi_i with a prior)
         log_w = z - torch.logsumexp(torch.where(ok, z, -torch.inf), 0)
+        if log_pi is not None:
+            return cap_weights(torch.where(ok, log_w, -torch.inf), float(cap), ok, log_prior=log_pi)
         return cap_weights(torch.where(ok, log_w, -torch.inf), float(cap), ok)
     e = torch.where(ok, torch.exp(z), 0.0)
     return e / e.sum().clamp(min=torch.finfo(e.dtype).tiny)
