@@ -25,33 +25,23 @@ from dataclasses import dataclass
 
 import torch
 
-from titan_rw.reweight import _check_strategy, _check_temperature, sample_weights
+from titan_rw.reweight import (  # noqa: F401  (the defaults are re-exported)
+    DEFAULT_MAX_DOCUMENTS,
+    DEFAULT_MIN_DOCUMENT_TOKENS,
+    _check_strategy,
+    _check_temperature,
+    sample_weights,
+)
 
 IGNORE_INDEX = -100  # the labels' padding value (TorchTitan's; the same as titan_rw.loss.IGNORE_INDEX)
 
-# Slots per row (config key reweight.max_documents): a row with more fragments merges its tail into
-# the last slot, which is then a "merged" slot and keeps its token share. An 8192-token row overflows
-# 64 slots only when its documents average under 128 tokens; [B, 64] per-row slots cost nothing.
-DEFAULT_MAX_DOCUMENTS = 64
-
-# Fragments with fewer valid tokens than this keep their token share (config key
-# reweight.min_document_tokens). Why 32:
-# - Noise. f_d is a mean over n_d tokens, standard error ~ sigma_token / sqrt(n_d), and per-token NLL
-#   is broad (sigma_token of the order of 2-3 nats in LM pretraining; an assumption, not measured
-#   here): ~0.5 sigma_token at n = 4, ~0.18 sigma_token at n = 32, ~0.09 at n = 128. Below ~32 the
-#   noise is as large as the spread of document losses the strategies rank, and min-max
-#   normalization (Alg. 1 line 5) lets one noisy extreme squash every other h.
-# - Cost. A row has at most two fragments that are short only because the row cuts them (the
-#   continuation at its start, the document cut at its end): at most 2 * 31 tokens, <= 0.8% of an
-#   8192-token row (3% of 2048). Other short fragments are genuinely tiny documents, few tokens in
-#   all. Keeping these at their token share (plain training) loses little of the reweighting.
-# Raise it to rank only longer documents; 0 or 1 ranks every non-empty fragment.
-DEFAULT_MIN_DOCUMENT_TOKENS = 32
+# DEFAULT_MAX_DOCUMENTS and DEFAULT_MIN_DOCUMENT_TOKENS (the config keys' defaults, and why) live in
+# titan_rw.reweight beside ReweightConfig.
 
 
 def _check_max_documents(max_documents) -> None:
     if not isinstance(max_documents, int) or isinstance(max_documents, bool) or max_documents < 1:
-        raise ValueError(f"max_documents (reweight.max_documents) must be an int >= 1, got {max_documents!r}")
+        raise ValueError(f"max_documents (reweight.max_documents_per_row) must be an int >= 1, got {max_documents!r}")
 
 
 def fragment_index(positions: torch.Tensor, max_documents: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

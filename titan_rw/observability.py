@@ -173,6 +173,22 @@ class GroupLayout:
     local_samples: int = 0
     dp_rank: int = 0
     dp_size: int = 1
+    fragments_per_row: int = 1
+    """granularity = "document": a row's samples are its max_documents_per_row fragment slots, and
+    local_samples counts slots (rows × slots)."""
+
+    def per_sample(self, provenance: list) -> list:
+        """Rows' provenance → one entry per sample: a row's documents go to its fragment slots in
+        order (the tail of an overflow row to the last slot, as a list); empty slots get None."""
+        F = self.fragments_per_row
+        if F == 1:
+            return provenance
+        out = []
+        for docs in provenance:
+            docs = [d for d in (docs or []) if d]
+            out.extend(docs[j] if j < len(docs) else None for j in range(F - 1))
+            out.append(docs[F - 1] if len(docs) == F else (docs[F - 1:] or None))
+        return out
 
     def provenance_index(self, n_rows: int) -> list[int] | None:
         """Position of each of this rank's rows in the step's groups concatenated: micro-batch j,
@@ -373,7 +389,11 @@ class RunLogger:
             w = [g.weights.detach().float() for g in groups]
             max_w = torch.stack([g.max_weight.detach().float().reshape(()) for g in groups])
             b = torch.stack([g.b.detach().float().reshape(()) for g in groups])
-            ratio = max_w * b / c  # each group against its own bound c / b_g
+            docs = groups[0].prior is not None  # granularity = "document": bound w_d <= c pi_d
+            if docs:
+                ratio = torch.stack([g.max_ratio.detach().float().reshape(()) for g in groups]) / c
+            else:
+                ratio = max_w * b / c  # each group against its own bound c / b_g
             ess = torch.stack([1.0 / (x * x).sum().clamp(min=1e-30) for x in w])
             ent = torch.stack([-torch.where(x > 0, x * x.clamp(min=1e-30).log(), 0.0).sum() for x in w])
             top = max_w.argmax().reshape(1)  # the group holding the step's max weight
@@ -389,6 +409,10 @@ class RunLogger:
             ]
             host: dict[str, Any] = {"groups": len(groups)}
             dev_keys: list[str] = []
+            if docs:
+                parts += [ratio.max() * c, torch.stack([g.overflow_rows.float().reshape(()) for g in groups]).sum()]
+                dev_keys += ["max_weight_ratio", "overflow_rows"]
+                host["granularity"] = "document"
             if isinstance(temperature, torch.Tensor):
                 parts.append(temperature.detach().float().reshape(()))
                 dev_keys.append("temperature")
@@ -415,9 +439,13 @@ class RunLogger:
                 entry["valid"] = self._put(torch.cat([g.valid.detach().reshape(-1) for g in groups]))
                 # each sample's own group b (b·w = 1 is uniform weight within its group)
                 entry["group_b"] = self._put(torch.cat([bg.expand(x.numel()) for bg, x in zip(b, w)]))
+                if docs:  # a fragment's uniform weight is pi_d: w / pi_d = 1 is uniform
+                    pri = torch.cat([g.prior.detach().float() for g in groups])
+                    entry["scale"] = self._put(torch.where(pri > 0, 1.0 / torch.where(pri > 0, pri, 1.0), 0.0))
             if want_hist or want_samples:
                 entry["losses"] = self._put(torch.cat([g.losses.detach().reshape(-1) for g in groups]))
             entry["hist"] = want_hist
+            entry["documents"] = docs
             if provenance is not None:
                 entry["prov"] = list(provenance)
                 entry["prov_index"] = list(provenance_index) if provenance_index is not None else None
@@ -447,7 +475,7 @@ class RunLogger:
         if rec.faults is not None:
             extra.update(rec.faults.as_metrics())
         extra.update(rec.scores)  # eval/<task>/<metric>: host floats, on eval steps only
-        prov = rec.provenance
+        prov = None if rec.provenance is None else self.layout.per_sample(rec.provenance)
         self.record(
             rec.step,
             rec.groups,
@@ -472,6 +500,11 @@ class RunLogger:
                     f"step {r['step']}: {why}; optimizer step skipped "
                     f"({int(r.get('consecutive_skips', 0))} in a row, {int(r.get('skipped_steps', 0))} in the run)"
                 )
+        over = sum(int(r.get("overflow_rows", 0)) for r in rows)
+        if over:
+            _log.warning(f"steps {rows[0]['step']}-{rows[-1]['step']}: {over} row(s) held more documents than "
+                         f"reweight.max_documents_per_row; each row's tail fragments were merged into its last slot "
+                         f"and kept at their token share (overflow_rows in metrics.jsonl)")
         if rows and self.enabled:
             _log.info(self.progress.row_line(rows[-1]))
         return rows
@@ -515,7 +548,8 @@ class RunLogger:
             row["bound_violations"] = int(round(row["bound_violations"]))
             self.violations_total += row["bound_violations"]
             row["bound_violations_total"] = self.violations_total
-            row["max_weight_bound"] = self.config.bound_c / row["b"] if row["b"] else float("nan")
+            row["max_weight_bound"] = (None if e.get("documents")  # per fragment: w_d <= c pi_d (max_weight_ratio)
+                                       else self.config.bound_c / row["b"] if row["b"] else float("nan"))
             for k, x in zip(e["dev_keys"], v[len(_ROW) :]):
                 row[k] = float(x)
             row.update(e["host"])
@@ -528,16 +562,18 @@ class RunLogger:
             valid = get(e["valid"]) > 0.5 if "valid" in e else None
             losses = get(e["losses"]) if "losses" in e else None
             group_b = get(e["group_b"]) if "group_b" in e else None
+            scale = get(e["scale"]) if "scale" in e else group_b  # w·scale = 1: uniform weight
             if "prov" in e:
                 idx = e["prov_index"] if e["prov_index"] is not None else range(len(e["prov"]))
                 idx = np.asarray(list(idx), dtype=np.int64)
-                row["domains"] = _domain_stats(e["prov"], idx, weights, valid, group_b)
+                stats = _domain_stats_documents if e.get("documents") else _domain_stats
+                row["domains"] = stats(e["prov"], idx, weights, valid, scale)
                 if e.get("samples"):
                     inputs = get(e["inputs"]) if "inputs" in e else None
-                    samples.append(self._samples(e["step"], e["prov"], idx, weights, valid, losses, inputs, group_b))
+                    samples.append(self._samples(e["step"], e["prov"], idx, weights, valid, losses, inputs, group_b, scale))
             self._window.append((row["max_weight"], row["bound_ratio"]))
             rows.append(row)
-            self._write_tb(row, e, weights, valid, losses)
+            self._write_tb(row, e, weights, valid, losses, scale)
         self._write_window(rows[-1]["step"])
         self._write_jsonl(rows, samples)
         if self.writer is not None:
@@ -547,12 +583,14 @@ class RunLogger:
             self.writer.flush()
         return rows
 
-    def _write_tb(self, row, e, weights, valid, losses) -> None:
+    def _write_tb(self, row, e, weights, valid, losses, scale) -> None:
         wr = self.writer
         if wr is None:
             return
         step = row["step"]
         for k, x in row.items():
+            if x is None:  # max_weight_bound under granularity = "document" (a bound per fragment)
+                continue
             if k in SCALAR_TAGS:
                 tag = SCALAR_TAGS[k]
             elif k in ("step", "b", "groups", "domains") or not isinstance(x, (int, float)) or isinstance(x, bool):
@@ -565,7 +603,10 @@ class RunLogger:
             wr.add_scalar(f"data/share/{dom}", d["share"], step)
             wr.add_scalar(f"data/weight_mass/{dom}", d["weight_mass"], step)
         if e["hist"] and weights is not None and valid.any():
-            _weight_histogram(wr, HIST_TAGS["weights"], weights[valid], row["max_weight_bound"], step)
+            if e.get("documents"):  # w_d / pi_d (1 = uniform), axis to the bound c
+                _weight_histogram(wr, HIST_TAGS["weights"], weights[valid] * scale[valid], self.config.bound_c, step)
+            else:
+                _weight_histogram(wr, HIST_TAGS["weights"], weights[valid], row["max_weight_bound"], step)
             wr.add_histogram(HIST_TAGS["losses"], losses[valid].astype(np.float64), step)
 
     def _write_window(self, step: int) -> None:
@@ -590,13 +631,13 @@ class RunLogger:
                 self._samples_fh.write(json.dumps(s) + "\n")
             self._samples_fh.flush()
 
-    def _samples(self, step, prov, idx, weights, valid, losses, inputs, group_b) -> dict:
+    def _samples(self, step, prov, idx, weights, valid, losses, inputs, group_b, scale) -> dict:
         k = self.config.top_k
         ok = np.array([valid[i] and bool(_docs(p)) for i, p in zip(idx, prov)], dtype=bool)
         cand = np.nonzero(ok)[0]  # provenance rows with a valid sample
         # ranked by b·w, each sample against uniform weight in its own group (the groups' b differ
         # when a group has invalid samples)
-        cw, cl = weights[idx[cand]] * group_b[idx[cand]], losses[idx[cand]]
+        cw, cl = weights[idx[cand]] * scale[idx[cand]], losses[idx[cand]]
         bs = sorted({int(round(x)) for x in group_b[idx[cand]]})  # the b of the groups shown
         # ties (LinUpper saturates every h >= 0 at the same weight): the higher loss ranks first
         top = cand[np.lexsort((-cl, -cw))][:k]
@@ -609,15 +650,22 @@ class RunLogger:
             info = found.get(d.get("doc_id"), {})
             text = None
             if inputs is not None and self.decode is not None:
+                F = self.layout.fragments_per_row
+                tokens = inputs[r // F]
+                if F > 1:  # the fragment's own tokens in its row
+                    first = _docs(prov[r])[0]
+                    off = int(first.get("row_offset", 0))
+                    tokens = tokens[off: off + sum(int(x.get("n_tokens", 0)) for x in _docs(prov[r]))]
                 try:
-                    text = self.decode([int(t) for t in inputs[r]])
+                    text = self.decode([int(t) for t in tokens])
                 except Exception as ex:  # noqa: BLE001 - a snippet must never stop training
                     text = f"<decode failed: {ex}>"
             if text is None:
                 text = info.get("text", "")
             return {
                 "weight": float(weights[idx[r]]),
-                "weight_x_b": float(weights[idx[r]]) * float(group_b[idx[r]]),  # its own group's b
+                # b·w with its own group's b (documents: w_d / pi_d); 1 = uniform weight
+                "weight_x_b": float(weights[idx[r]]) * float(scale[idx[r]]),
                 "loss": float(losses[idx[r]]),
                 "domain": d.get("domain"),
                 "doc_id": d.get("doc_id"),
@@ -716,6 +764,27 @@ def _domain_stats(prov, idx, weights, valid, group_b) -> dict[str, dict[str, flo
             "weight_mass": wsum[dom] / total_w if total_w > 0 else float("nan"),
         }
     return out
+
+
+def _domain_stats_documents(prov, idx, weights, valid, scale) -> dict[str, dict[str, float]]:
+    """granularity = "document": per domain over this rank's fragments, token-weighted: share of the
+    tokens, mean w_d/pi_d (1 = uniform, the token-mean loss), share of the total weight."""
+    tok: dict[str, float] = collections.defaultdict(float)
+    ratio: dict[str, float] = collections.defaultdict(float)
+    mass: dict[str, float] = collections.defaultdict(float)
+    for i, p in zip(idx, prov):
+        docs = _docs(p)
+        if not docs or not valid[i]:
+            continue
+        dom = str(_main_doc(p).get("domain") or "unknown")
+        n = float(sum(max(d.get("n_tokens", 1), 0) for d in docs))
+        tok[dom] += n
+        ratio[dom] += n * float(weights[i]) * float(scale[i])
+        mass[dom] += float(weights[i])
+    total_t, total_w = sum(tok.values()), sum(mass.values())
+    return {dom: {"share": tok[dom] / total_t if total_t else float("nan"),
+                  "mean_weight": ratio[dom] / tok[dom] if tok[dom] else float("nan"),
+                  "weight_mass": mass[dom] / total_w if total_w > 0 else float("nan")} for dom in sorted(tok)}
 
 
 def _snippet(text: str, n: int) -> str:

@@ -287,6 +287,26 @@ class TemperatureSchedule:
         self.last_step = int(state["last_step"])
 
 
+# Slots per row (config key reweight.max_documents_per_row): a row with more fragments merges its tail into
+# the last slot, which is then a "merged" slot and keeps its token share. An 8192-token row overflows
+# 64 slots only when its documents average under 128 tokens; [B, 64] per-row slots cost nothing.
+DEFAULT_MAX_DOCUMENTS = 64
+
+# Fragments with fewer valid tokens than this keep their token share (config key
+# reweight.min_document_tokens). Why 32:
+# - Noise. f_d is a mean over n_d tokens, standard error ~ sigma_token / sqrt(n_d), and per-token NLL
+#   is broad (sigma_token of the order of 2-3 nats in LM pretraining; an assumption, not measured
+#   here): ~0.5 sigma_token at n = 4, ~0.18 sigma_token at n = 32, ~0.09 at n = 128. Below ~32 the
+#   noise is as large as the spread of document losses the strategies rank, and min-max
+#   normalization (Alg. 1 line 5) lets one noisy extreme squash every other h.
+# - Cost. A row has at most two fragments that are short only because the row cuts them (the
+#   continuation at its start, the document cut at its end): at most 2 * 31 tokens, <= 0.8% of an
+#   8192-token row (3% of 2048). Other short fragments are genuinely tiny documents, few tokens in
+#   all. Keeping these at their token share (plain training) loses little of the reweighting.
+# Raise it to rank only longer documents; 0 or 1 ranks every non-empty fragment.
+DEFAULT_MIN_DOCUMENT_TOKENS = 32
+
+
 @dataclass(kw_only=True, slots=True)
 class ReweightConfig:
     """`[reweight]`: the weights of Algorithm 1 (docs/design.md §2)."""
@@ -309,9 +329,25 @@ class ReweightConfig:
     """Reweighting group under gradient accumulation (titan_rw.trainer's docstring: the cost)."""
     loss_chunks: int = 8
     """Chunks of the output projection in the per-sample loss (memory vs launch overhead)."""
+    granularity: Literal["row", "document"] = "row"
+    """What a sample is: a packed row (the paper), or each document fragment inside a row
+    (titan_rw.documents: w_d ∝ π_d e^{s_d/r}, π_d = the fragment's token share, so `uniform` is the
+    plain token-mean loss; the bound is w_d ≤ 2 π_d; docs/design.md §2)."""
+    min_document_tokens: int = DEFAULT_MIN_DOCUMENT_TOKENS
+    """granularity = "document": fragments with fewer valid tokens keep their token share π_d
+    (their mean loss is too noisy to rank); 0 ranks every fragment."""
+    max_documents_per_row: int = DEFAULT_MAX_DOCUMENTS
+    """granularity = "document": fragment slots per row; a row with more fragments merges its tail
+    into the last slot (kept at its token share; counted as `overflow_rows` in metrics.jsonl)."""
 
     def validate(self) -> None:
         _check_strategy(self.strategy)
+        if self.granularity not in ("row", "document"):
+            raise ValueError(f"reweight.granularity must be 'row' or 'document', got {self.granularity!r}")
+        if self.min_document_tokens < 0:
+            raise ValueError(f"reweight.min_document_tokens must be >= 0, got {self.min_document_tokens}")
+        if self.max_documents_per_row < 1:
+            raise ValueError(f"reweight.max_documents_per_row must be >= 1, got {self.max_documents_per_row}")
         if self.cap is not None and not self.cap >= 1:
             raise ValueError(f"reweight.cap must be >= 1 (or unset), got {self.cap}")
         if self.loss_chunks < 1:

@@ -61,7 +61,7 @@ from titan_rw import compat
 from titan_rw.eval.periodic import PeriodicEvalConfig
 from titan_rw.fault_injection import FaultInjection
 from titan_rw.faults import EXIT_TOO_MANY_SKIPS, NonFiniteSkipOptimizers, RowAudit, StopGuard, TrainingStopped  # noqa: F401
-from titan_rw.loss import IGNORE_INDEX, group_weights, per_sample_loss, reweighted_loss, weighted_sum
+from titan_rw.loss import IGNORE_INDEX, group_weights, per_document_loss, per_sample_loss, reweighted_loss, weighted_sum
 from titan_rw.models import FLAVORS, describe, portable_init
 from titan_rw.observability import FaultCounters, GroupLayout, RunLogger, StepRecord, tb_writer_of
 from titan_rw.reweight import ReweightConfig
@@ -147,7 +147,8 @@ class ReweightTrainer(Trainer):
             self.dp_group, self.dp_rank, self.dp_size = mesh.get_group(), mesh.get_local_rank(), mesh.size()
         else:
             self.dp_group, self.dp_rank, self.dp_size = None, 0, 1
-        self.group_b = config.training.local_batch_size * self.dp_size
+        self.group_b = config.training.local_batch_size * self.dp_size  # rows per group
+        self.slots = rw.max_documents_per_row if rw.granularity == "document" else 1  # samples per row
         self.tokens_per_step = self.gradient_accumulation_steps * self.group_b * config.training.seq_len
 
         model = self.model_parts[0]
@@ -170,8 +171,8 @@ class ReweightTrainer(Trainer):
             rank=self.rank,
             writer=tb_writer_of(mp),
             tensorboard=config.metrics.enable_tensorboard,
-            layout=GroupLayout(self.gradient_accumulation_steps, config.training.local_batch_size,
-                               self.dp_rank, self.dp_size),
+            layout=GroupLayout(self.gradient_accumulation_steps, config.training.local_batch_size * self.slots,
+                               self.dp_rank, self.dp_size, fragments_per_row=self.slots),
             static={"strategy": rw.strategy},
             total_steps=config.training.steps,
             num_flops_per_token=mp.num_flops_per_token,
@@ -196,14 +197,34 @@ class ReweightTrainer(Trainer):
             f"titan_rw reweighting: strategy={rw.strategy} r={rw.temperature} "
             f"(warm-up r={rw.warmup_temperature} for {rw.warmup_steps} steps, {rw.anneal}) cap={rw.cap} "
             f"scope={rw.scope} b={self.group_b if rw.scope == 'microbatch' else self.group_b * self.gradient_accumulation_steps} "
+            + (f"rows, granularity=document (≤ {self.slots} fragments per row, < {rw.min_document_tokens} tokens "
+               f"kept at their token share) " if self.slots > 1 else "") +
             f"dp={self.dp_size} accumulation={self.gradient_accumulation_steps}"
         )
 
     # ------------------------------------------------------------------ the step's body
     def _per_sample(self, inputs, labels, extra_kwargs, mb_index: int = 0):
+        """(f [n], valid [n], document extras {} or {n_tokens, merged, min_document_tokens}): a sample
+        is a row, or (granularity = "document") a document fragment, n = rows × max_documents_per_row."""
         self.injector.before_forward(mb_index)
         hidden = self.model_parts[0](inputs, **extra_kwargs)
-        return per_sample_loss(self.lm_head, hidden, labels, num_chunks=self.rw.loss_chunks)  # f_i, n_i
+        rw = self.rw
+        if rw.granularity == "row":
+            losses, n_valid = per_sample_loss(self.lm_head, hidden, labels, num_chunks=rw.loss_chunks)
+            return losses, n_valid > 0, {}
+        d = per_document_loss(self.lm_head, hidden, labels, self._positions(inputs, extra_kwargs),
+                              max_documents=rw.max_documents_per_row, num_chunks=rw.loss_chunks)
+        n_tokens = d.n_tokens.reshape(-1)
+        return d.losses.reshape(-1), n_tokens > 0, {"n_tokens": n_tokens, "merged": d.merged.reshape(-1),
+                                                    "min_document_tokens": rw.min_document_tokens}
+
+    @staticmethod
+    def _positions(inputs, extra_kwargs) -> torch.Tensor:
+        """Where documents start (0): the loader's positions; without them every row is one document."""
+        pos = extra_kwargs.get("positions")
+        if pos is None:
+            return torch.arange(inputs.shape[1], device=inputs.device).expand(inputs.shape[0], -1)
+        return pos.expand(inputs.shape[0], -1) if pos.dim() == 1 or pos.shape[0] == 1 else pos
 
     def _forward_backward_body(
         self,
@@ -214,13 +235,12 @@ class ReweightTrainer(Trainer):
     ) -> torch.Tensor:
         k = self.gradient_accumulation_steps
         with self.train_context():
-            losses, n_valid = self._per_sample(inputs, labels, extra_kwargs, self._fb_calls)
+            losses, valid, docs = self._per_sample(inputs, labels, extra_kwargs, self._fb_calls)
             self._fb_calls += 1
-            valid = n_valid > 0
             if self._fixed_weights is None:  # microbatch scope: this micro-batch is the group
                 loss, stats = self._weighted(  # Alg. 1 lines 4-8: gather, Eq. (4), Σ_local w_i f_i
                     losses, self._temperature_t, strategy=self.rw.strategy, cap=self.rw.cap,
-                    group=self.dp_group, dp_rank=self.dp_rank, dp_size=self.dp_size, valid=valid,
+                    group=self.dp_group, dp_rank=self.dp_rank, dp_size=self.dp_size, valid=valid, **docs,
                 )
                 self._groups.append(stats)
                 loss = loss / k
@@ -235,17 +255,21 @@ class ReweightTrainer(Trainer):
     def _global_batch_weights(self, microbatches) -> None:
         """Pre-pass for scope=global_batch: f_i of all k micro-batches without activations, then the
         weights of the whole optimizer step (one group of k·b samples), fixed for the grad pass."""
-        losses, valid = [], []
+        losses, valid, docs = [], [], []
         for j, (input_dict, labels) in enumerate(microbatches):
             inputs, labels, extra_kwargs = self.post_dataloading_process(input_dict, labels)
             with self.train_context():
-                f, n_valid = self._per_sample(inputs, labels, extra_kwargs, j)
+                f, ok, d = self._per_sample(inputs, labels, extra_kwargs, j)
             losses.append(f.float())
-            valid.append(n_valid > 0)
+            valid.append(ok)
+            docs.append(d)
         self.ntokens_seen -= sum(lbl.numel() for _, lbl in microbatches)  # counted again in the grad pass
+        extra = {} if not docs[0] else {"n_tokens": torch.stack([d["n_tokens"] for d in docs]),
+                                        "merged": torch.stack([d["merged"] for d in docs]),
+                                        "min_document_tokens": self.rw.min_document_tokens}
         w, stats = group_weights(torch.stack(losses), torch.stack(valid), self._temperature_t,
                                  strategy=self.rw.strategy, cap=self.rw.cap, group=self.dp_group,
-                                 dp_rank=self.dp_rank, dp_size=self.dp_size)
+                                 dp_rank=self.dp_rank, dp_size=self.dp_size, **extra)
         self._fixed_weights = list(w)
         self._mb_index = 0
         self._groups.append(stats)
