@@ -59,8 +59,8 @@ def _launch(name, base, env):
            "--training.steps", str(STEPS), "--training.seq_len", "64",
            "--training.local_batch_size", str(local), "--training.global_batch_size", str(GLOBAL_BATCH),
            "--reweight.strategy", strategy, "--reweight.temperature", str(r), "--reweight.warmup_steps", "0",
-           "--reweight.scope", scope, "--reweight.log_interval", "2", "--reweight.histogram_interval", "2",
-           "--reweight.samples_interval", "2", "--reweight.top_k", "3",
+           "--reweight.scope", scope, "--logging.log_interval", "2", "--logging.histogram_interval", "2",
+           "--logging.samples_interval", "2", "--logging.top_k", "3",
            "--lr_scheduler.warmup_steps", "1", "--checkpoint.enable", "false", *extra]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]

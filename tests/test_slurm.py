@@ -89,7 +89,7 @@ def _job_args(run_dir: Path, steps: int, interval: int) -> tuple[list[str], list
     """(extra sbatch environment, trainer overrides) for a short debug_cpu job."""
     env = [f"RUN_DIR={run_dir}"]
     # the debug model, quick: no TensorBoard, log (and so flush metrics.jsonl) every step
-    over = ["--reweight.log_interval", "1", "--reweight.warmup_steps", "1", "--training.seq_len", "64",
+    over = ["--logging.log_interval", "1", "--reweight.warmup_steps", "1", "--training.seq_len", "64",
             "--lr_scheduler.warmup_steps", "2", "--metrics.enable_tensorboard", "false",
             "--training.steps", str(steps), "--checkpoint.interval", str(interval)]
     return env, over

@@ -205,7 +205,7 @@ STEPS = 4
 COMMON = [
     "--config", "train_configs/debug_cpu.toml", "--model.flavor", "tiny", "--training.steps", str(STEPS),
     "--training.seq_len", "32", "--training.local_batch_size", "8", "--training.global_batch_size", "16",
-    "--reweight.log_interval", "1", "--reweight.warmup_steps", "1", "--lr_scheduler.warmup_steps", "2",
+    "--logging.log_interval", "1", "--reweight.warmup_steps", "1", "--lr_scheduler.warmup_steps", "2",
     "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "0",
     "--metrics.enable_tensorboard", "false", "--job.deterministic", "true",
 ]

@@ -188,6 +188,7 @@ class ReweightTrainer(Trainer):
                       if config.fault.audit_rows and hasattr(self.dataloader, "last_provenance") else None)
         self._nonfinite_now = torch.zeros((), dtype=torch.int64, device=self.device)
         self._fb_calls = 0
+        self._resumed = False  # resume() ran (train.py calls it before saving the run config)
         if hasattr(self.checkpointer, "before_save"):  # ResumableCheckpointManager: docs/resuming.md
             self.checkpointer.run_values = config.run_values  # checked against the checkpoint's on resume
             self.checkpointer.before_save = self.run_logger.before_checkpoint
@@ -357,7 +358,7 @@ class ReweightTrainer(Trainer):
         unless the caller did), the stop checks after each step, the testing knobs."""
         config = self.config
         sl.log_trace_instant("training_start")
-        if not getattr(self, "_resumed", False):
+        if not self._resumed:
             self.resume()
         loaded_step = self.step
         logger.info(f"Training starts at step {self.step + 1}")
@@ -426,14 +427,14 @@ class ReweightTrainer(Trainer):
         self.run_logger.resumed_at(self.step)
 
     def close(self) -> None:
-        if getattr(self, "run_logger", None) is not None:  # close() also runs after a failed __init__
+        if self.run_logger is not None:  # idempotent: None once closed
             try:
                 self.run_logger.close()  # flushes what is pending
             except Exception as e:  # noqa: BLE001  closing must not mask the original error
                 logger.warning(f"titan_rw: could not flush the last metrics: {e}")
             self.run_logger = None
         for part in ("audit", "stop_guard"):
-            if getattr(self, part, None) is not None:
+            if getattr(self, part) is not None:
                 getattr(self, part).close()
                 setattr(self, part, None)
         super().close()
