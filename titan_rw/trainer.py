@@ -40,12 +40,9 @@ import titan_rw  # noqa: F401  (compat patches before torchtitan)
 import dataclasses
 import os
 import pickle
-import random
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Iterator
-
-import numpy as np
 
 import spmd_types as spmd
 import torch
@@ -58,6 +55,7 @@ from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
 from titan_rw import compat
+from titan_rw.checkpointing import rng_state, set_rng_state
 from titan_rw.eval.periodic import PeriodicEvalConfig
 from titan_rw.fault_injection import FaultInjection
 from titan_rw.faults import EXIT_TOO_MANY_SKIPS, NonFiniteSkipOptimizers, RowAudit, StopGuard, TrainingStopped  # noqa: F401
@@ -409,7 +407,7 @@ class ReweightTrainer(Trainer):
             "temperature_last_step": self.temperature_schedule.last_step,
             "run_logger": rl,
             **self.optimizers.skip_state(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "run_values": self.config.run_values,  # the resume check (titan_rw.checkpointing)
         }
         sd["titan_rw"] = pickle.dumps(extra)
@@ -423,7 +421,7 @@ class ReweightTrainer(Trainer):
             self.temperature_schedule.last_step = int(extra["temperature_last_step"])
             self.run_logger.load_state_dict(extra["run_logger"])
             self.optimizers.load_skip_state(extra)
-            _set_rng_state(extra["rng"])
+            set_rng_state(extra["rng"])
         self.run_logger.resumed_at(self.step)
 
     def close(self) -> None:
@@ -439,17 +437,3 @@ class ReweightTrainer(Trainer):
                 setattr(self, part, None)
         super().close()
 
-
-def _rng_state() -> dict[str, Any]:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        st["cuda"] = torch.cuda.get_rng_state()
-    return st
-
-
-def _set_rng_state(st: dict[str, Any]) -> None:
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state(st["cuda"])
