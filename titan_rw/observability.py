@@ -81,6 +81,8 @@ SCALAR_TAGS = {
     "bound_ratio": "bound/ratio",
     "bound_violations": "bound/violations",
     "bound_violations_total": "bound/violations_total",
+    "max_weight_ratio": "bound/max_weight_ratio",  # granularity = "document": max w_d/π_d, bound 2
+    "overflow_rows": "health/overflow_rows",  # document granularity: rows with more fragments than slots
     "tokens_per_sec": "perf/tokens_per_sec",
     "mfu": "perf/mfu",
 }
