@@ -554,10 +554,11 @@ def test_document_granularity_metrics_samples_and_histogram(tmp_path):
     w, prior = document_weights(f, n, "dro_kl", 1.0, min_tokens=8, merged=merged)
     stats = WeightStats.of_documents(f, w, n > 0, prior, merged)
     lay = GroupLayout(1, 4 * F_SLOTS, 0, 1, fragments_per_row=F_SLOTS)
-    rl = RunLogger.Config(log_interval=1, histogram_interval=1, samples_interval=1, top_k=2).build(
-        str(tmp_path), 0, layout=lay, total_steps=1)
+    rl = RunLogger.Config(log_interval=1, histogram_interval=1, samples_interval=1, top_k=2, snippet_chars=1000).build(
+        str(tmp_path), 0, layout=lay, total_steps=1, decode=lambda ids: " ".join(map(str, ids)))
+    inputs = torch.arange(4)[:, None] * 100 + torch.arange(64)[None, :]  # token t of row q: 100 q + t
     rl.record_step(StepRecord(step=1, groups=[stats], temperature=1.0, lr=1e-3, grad_norm=torch.tensor(0.5),
-                              ntokens=256, provenance=DOC_ROWS))
+                              ntokens=256, provenance=DOC_ROWS, inputs=inputs))
     rl.close()
     (row,) = read_metrics(str(tmp_path))
 
@@ -600,6 +601,20 @@ def test_document_granularity_metrics_samples_and_histogram(tmp_path):
         assert [x["weight_x_b"] for x in got] == pytest.approx([ratio[x[0]] for x in want], rel=1e-5)
         assert [x["weight"] for x in got] == pytest.approx([W[x[0]] for x in want], rel=1e-5)
         assert [x["loss"] for x in got] == pytest.approx([x[1][3] for x in want], rel=1e-6)
+    # the snippet is the fragment's own tokens in its row (row_offset .. + n_tokens), from `inputs`;
+    # every fragment (top_k = 9), the merged slot from G's offset over G, H, I's 42 tokens
+    span = {"A": (0, 0, 20), "B": (0, 20, 44), "C": (1, 0, 64), "D": (2, 0, 10), "E": (2, 10, 12),
+            "I": (2, 22, 42), "J": (3, 0, 30), "K": (3, 30, 4), "L": (3, 34, 30)}
+    rl9 = RunLogger.Config(log_interval=1, samples_interval=1, top_k=9, snippet_chars=1000).build(
+        str(tmp_path / "all"), 0, layout=lay, tensorboard=False, decode=lambda ids: " ".join(map(str, ids)))
+    rl9.record_step(StepRecord(step=1, groups=[stats], temperature=1.0, lr=1e-3, grad_norm=torch.tensor(0.5),
+                               ntokens=256, provenance=DOC_ROWS, inputs=inputs))
+    rl9.close()
+    (s9,) = read_samples(str(tmp_path / "all"))
+    assert sorted(x["doc_id"] for x in s9["top"]) == sorted(span)
+    for x in s9["top"] + s["top"] + s["bottom"]:
+        q, off, k = span[x["doc_id"]]
+        assert x["text"] == " ".join(str(100 * q + t) for t in range(off, off + k)), x["doc_id"]
 
     # TensorBoard: the weight histogram is over w/pi of the 9 fragments, its axis from 0 to c = 2 at least
     ea = _acc(str(tmp_path))
