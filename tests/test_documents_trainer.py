@@ -102,8 +102,8 @@ def doc_runs(tmp_path_factory):
     _run(base, p("kill"), *DOCS, "--fault_injection.kill_at_step", "3", expect=-9)  # SIGKILL after step 3
     with open(os.path.join(p("kill"), "metrics.jsonl")) as fh:
         killed = [json.loads(line) for line in fh]
-    _run(base, p("kill"), *DOCS)  # resumes from step-2
-    return {"one": p("one"), "two": p("two"), "kill": p("kill"), "killed_rows": killed}
+    _, log = _run(base, p("kill"), *DOCS)  # resumes from step-2
+    return {"one": p("one"), "two": p("two"), "kill": p("kill"), "killed_rows": killed, "resume_log": log}
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +159,7 @@ def test_document_run_resumes_bit_for_bit(doc_runs):
     ref, res = _metrics(doc_runs["one"]), _metrics(doc_runs["kill"])
     assert sorted(res) == list(range(1, STEPS + 1))
     assert [r["step"] for r in doc_runs["killed_rows"]] == [1, 2, 3]
+    assert "resumed from the checkpoint of step 2" in doc_runs["resume_log"]
     for s in (3, 4):  # the resumed steps
         for k in KEYS:
             assert res[s][k] == ref[s][k], (s, k, res[s][k], ref[s][k])
