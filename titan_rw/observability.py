@@ -636,7 +636,10 @@ class RunLogger:
     def _samples(self, step, prov, idx, weights, valid, losses, inputs, group_b, scale) -> dict:
         k = self.config.top_k
         ok = np.array([valid[i] and bool(_docs(p)) for i, p in zip(idx, prov)], dtype=bool)
-        cand = np.nonzero(ok)[0]  # provenance rows with a valid sample
+        seen = int(ok.sum())  # provenance rows (or fragments) with a valid sample
+        if self.layout.fragments_per_row > 1:  # shown: single documents, not an overflow row's merged tail
+            ok &= np.array([not isinstance(p, list) for p in prov], dtype=bool)
+        cand = np.nonzero(ok)[0]
         # ranked by b·w, each sample against uniform weight in its own group (the groups' b differ
         # when a group has invalid samples)
         cw, cl = weights[idx[cand]] * scale[idx[cand]], losses[idx[cand]]
@@ -678,7 +681,7 @@ class RunLogger:
         return {
             "step": int(step),
             "b": bs[0] if len(bs) == 1 else bs,  # a list when the groups' b differ
-            "rows_seen": int(len(cand)),
+            "rows_seen": seen,
             "top": [describe(r) for r in top],
             "bottom": [describe(r) for r in bottom],
         }
