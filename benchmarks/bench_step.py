@@ -39,7 +39,7 @@ def _config(args, strategy, stock=False, accum=1, scope="microbatch"):
         "--training.global_batch_size", str(args.batch * accum), "--reweight.scope", scope,
         "--training.steps", "1000000", "--data.loader", "synthetic",
         "--job.dump_folder", args.dump, "--checkpoint.enable", "false", "--metrics.enable_tensorboard", "false",
-        "--reweight.strategy", strategy, "--reweight.warmup_steps", "0", "--reweight.log_interval", "1000000",
+        "--reweight.strategy", strategy, "--reweight.warmup_steps", "0", "--logging.log_interval", "1000000",
         "--training.mixed_precision_param", "float32", "--compile.enable", str(args.compile).lower(),
     ])
     if stock:

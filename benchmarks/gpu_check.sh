@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU check, in two parts, sized for 8 minutes of wall time on one GPU, compile included
 # (docs/performance.md says how):
-#   1. a smoke (~1 min): the debug flavor, eager, 5 steps through the real trainer: finite losses,
-#      weights summing to 1 per group, no CUDA-graph capture of the step, the document mask on (on GPU
-#      TorchTitan's FlexAttention document mask); the check stops here when it fails;
+#   1. a smoke (~1 min): the debug flavor, eager, 5 steps through the real trainer with document-level
+#      weights (SMOKE_GRANULARITY): finite losses, weights summing to 1 per group, no CUDA-graph capture
+#      of the step, the document mask on (on GPU TorchTitan's FlexAttention document mask); the check
+#      stops here when it fails;
 #   2. the Llama 1.4B flavor, a few compiled bf16 steps with FSDP on every visible GPU, uniform then
 #      LinUpper, through the real trainer (benchmarks/gpu_step.py wraps its train_step with a timer).
 #      Prints tokens/s/GPU, MFU, peak memory and the LinUpper/uniform overhead.
@@ -19,6 +20,7 @@
 # STEPS (10), WARMUP (3: steps not timed: compilation), SEQ (8192), LOCAL_BATCH (2),
 # RUN_TIMEOUT (170 s per 1.4B run), SMOKE (1: run the smoke first; 0: skip it), SMOKE_CONFIG
 # (train_configs/debug_cpu.toml), SMOKE_STEPS (5), SMOKE_SEQ (2048), SMOKE_TIMEOUT (120 s),
+# SMOKE_GRANULARITY (document; or row),
 # PYTHON (python), WHEELHOUSE, SITE, ALLOW_CPU (0; 1: run on a torch without CUDA, for plumbing tests).
 # Extra --section.key value arguments go to the 1.4B runs after ours (they win), e.g.
 # `--activation_checkpoint.mode full`.
@@ -46,6 +48,7 @@ SMOKE_CONFIG="${SMOKE_CONFIG:-train_configs/debug_cpu.toml}"
 SMOKE_STEPS="${SMOKE_STEPS:-5}"
 SMOKE_SEQ="${SMOKE_SEQ:-2048}"
 SMOKE_TIMEOUT="${SMOKE_TIMEOUT:-120}"
+SMOKE_GRANULARITY="${SMOKE_GRANULARITY:-document}"
 WHEELHOUSE="${WHEELHOUSE:-$ROOT/.gpu_wheelhouse}"
 SITE="${SITE:-$ROOT/.gpu_site}"
 ALLOW_CPU="${ALLOW_CPU:-0}"
@@ -164,7 +167,8 @@ if [[ "$SMOKE" == 1 ]]; then
         --training.local_batch_size 4 \
         --training.global_batch_size "$(( 8 * NPROC ))" \
         --reweight.warmup_steps 0 \
-        --reweight.log_interval 1 \
+        --reweight.granularity "$SMOKE_GRANULARITY" \
+        --logging.log_interval 1 \
         --compile.enable false \
         --checkpoint.enable false \
         --metrics.enable_tensorboard false \
@@ -211,7 +215,7 @@ for strategy in uniform linupper; do
         --lr_scheduler.warmup_steps 2 \
         --reweight.strategy "$strategy" \
         --reweight.warmup_steps 0 \
-        --reweight.log_interval 5 \
+        --logging.log_interval 5 \
         --parallelism.data_parallel_shard_degree -1 \
         --compile.enable true \
         --training.mixed_precision_param bfloat16 \

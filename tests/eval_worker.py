@@ -4,7 +4,7 @@
 
 Builds `ReweightTrainer` from the same config as the run, loads the step-STEP checkpoint through
 TorchTitan's CheckpointManager, and computes per-sample losses with the training path
-(`trainer._per_sample` → model with _skip_lm_head → `titan_rw.loss.per_sample_loss`). Then the
+(`trainer._per_sample` → model with _skip_lm_head → `titan_rw.loss.per_sample_loss`, granularity row). Then the
 adapter loads the same checkpoint from disk and scores the same texts; and `evaluate_model` runs
 the local rolling task on the trainer's in-memory model. Writes both sides to OUT.json.
 """
@@ -53,7 +53,8 @@ def main() -> None:
         inputs[i, : len(x) - 1] = torch.tensor(x[:-1])
         labels[i, : len(x) - 1] = torch.tensor(x[1:])
     with torch.no_grad():
-        losses, n_valid = trainer._per_sample(inputs, labels, {})
+        losses, _, _ = trainer._per_sample(inputs, labels, {})
+        n_valid = (labels != IGNORE_INDEX).sum(dim=1)
     train_sum_nll = (losses.double() * n_valid.double()).tolist()
 
     from lm_eval.api.instance import Instance
@@ -67,7 +68,8 @@ def main() -> None:
     x = torch.tensor([whole[:-1]])
     y = torch.tensor([[IGNORE_INDEX] * (n_ctx - 1) + whole[n_ctx:]])
     with torch.no_grad():
-        l2, n2 = trainer._per_sample(x, y, {})
+        l2, _, _ = trainer._per_sample(x, y, {})
+        n2 = (y != IGNORE_INDEX).sum(dim=1)
     train_cont_nll = float(l2.double()[0] * n2[0])
 
     in_memory = evaluate_model(model, tok, ["titan_rw_local_ppl"], limit=4, max_length=cfg.training.seq_len)

@@ -86,7 +86,7 @@ def paths(out, dump):
 
     debug = os.path.join(ROOT, "train_configs", "debug_cpu.toml")
     common = ["--training.steps", "3", "--training.local_batch_size", "2", "--training.global_batch_size", "4",
-              "--reweight.scope", "microbatch", "--reweight.warmup_steps", "1", "--reweight.log_interval", "1",
+              "--reweight.scope", "microbatch", "--reweight.warmup_steps", "1", "--logging.log_interval", "1",
               "--lr_scheduler.warmup_steps", "1"]
     runs = {
         "fp32": [],

@@ -14,7 +14,7 @@ SEQ = 64
 TRAIN = [
     "--config", "train_configs/debug_cpu.toml", "--training.steps", str(STEPS), "--training.seq_len", str(SEQ),
     "--training.local_batch_size", "8", "--training.global_batch_size", "8", "--reweight.warmup_steps", "3",
-    "--lr_scheduler.warmup_steps", "3", "--reweight.log_interval", "5", "--metrics.enable_tensorboard", "false",
+    "--lr_scheduler.warmup_steps", "3", "--logging.log_interval", "5", "--metrics.enable_tensorboard", "false",
     "--checkpoint.enable", "true", "--checkpoint.interval", str(STEPS),
 ]
 

@@ -90,8 +90,8 @@ def test_gpu_check_is_shellcheck_clean():
 def test_gpu_check_plumbing_on_cpu(tmp_path):
     """The script's overrides, the gpu_step.py driver, the smoke's checks and the table, on 2 CPU
     processes (tiny model, no compile, fp32): not a GPU check, only that the script still matches the
-    trainer's config keys and that the smoke's checks run (the document-mask check is required on
-    CUDA only: on CPU it is reported)."""
+    trainer's config keys and that the smoke's checks run, document-level weights and the
+    document-mask check included (CPU attention is document-causal too)."""
     env = dict(os.environ, NPROC="2", STEPS="3", WARMUP="1", SEQ="32", LOCAL_BATCH="2", RUN_TIMEOUT="150",
                CONFIG="train_configs/debug_cpu.toml", PYTHON=sys.executable, OMP_NUM_THREADS="1",
                ALLOW_CPU="1", SMOKE_SEQ="64", SMOKE_STEPS="3", SMOKE_TIMEOUT="150",
@@ -102,7 +102,7 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=480,
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    for check in ("finite_losses", "weights_sum_to_1", "no_graph_capture"):
+    for check in ("finite_losses", "weights_sum_to_1", "no_graph_capture", "document_mask"):
         assert f"smoke: {check:17s} ok" in p.stdout, p.stdout[-3000:]
     assert "smoke: document_mask" in p.stdout and "smoke: ok" in p.stdout
     assert '"body_calls_per_step": [2, 2, 2], "micro_batches": 2' in p.stdout  # 8 rows per rank per step, 4 per micro-batch

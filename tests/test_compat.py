@@ -15,8 +15,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL = ["triton_stub", "cpu_device", "set_timeout", "sdpa_attention", "partial_dtensor", "force_sum_reduce"]
 
 
-def run_py(code: str, env_extra: dict | None = None, pythonpath: list[str] | None = None) -> dict:
-    env = dict(os.environ)
+def run_py(code: str, env_extra: dict | None = None, pythonpath: list[str] | None = None,
+           env_drop: tuple[str, ...] = ()) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in env_drop}
     env["PYTHONPATH"] = os.pathsep.join([*(pythonpath or []), ROOT, env.get("PYTHONPATH", "")])
     env.update(env_extra or {})
     out = subprocess.run(
@@ -145,3 +146,108 @@ def test_force_sum_reduction_on_gloo_fsdp():
         env_extra=dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000)),
     )
     assert r["flags"] and all(r["flags"])
+
+
+# ---------------------------------------------------------------------------- patch 11
+_TORCHRUN_ENV = ("TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE", "MASTER_ADDR", "MASTER_PORT",
+                 "WORLD_SIZE", "RANK", "LOCAL_RANK")
+_WRAPPED = """
+import json, titan_rw
+import torchtitan.distributed.utils as du
+f = du.init_distributed
+print(json.dumps(dict(applied=list(titan_rw.compat.applied_patches()),
+                      wrapped=hasattr(f, "__wrapped__"),
+                      inner=getattr(getattr(f, "__wrapped__", None), "__module__", None))))
+"""
+
+
+@pytest.mark.parametrize("count", [None, "0"])
+def test_restart_rendezvous_not_in_a_first_attempt(count):
+    """Patch 11 is not applied in torchrun's first attempt (TORCHELASTIC_RESTART_COUNT unset or 0):
+    TorchTitan's init_distributed is its own (the restart case is the test below)."""
+    r = run_py(_WRAPPED, env_extra={} if count is None else {"TORCHELASTIC_RESTART_COUNT": count},
+               env_drop=_TORCHRUN_ENV)
+    assert "restart_rendezvous" not in r["applied"] and r["applied"], r
+    assert not r["wrapped"] and r["inner"] is None
+
+
+_RENDEZVOUS = """
+import json, os, socket, titan_rw
+from datetime import timedelta
+import torch.distributed as dist
+from torch.distributed import PrefixStore, TCPStore
+import torchtitan.distributed.utils as du
+from torchtitan.config.configs import CommConfig
+
+
+class Recorder(dist.Store):  # an in-process store that remembers the keys written to it
+    def __init__(self):
+        super().__init__()
+        self.d, self.keys = {}, []
+    def set(self, k, v):
+        self.keys.append(k); self.d[k] = v
+    def get(self, k):
+        return self.d[k]
+    def add(self, k, n):
+        self.keys.append(k); self.d[k] = str(int(self.d.get(k, b"0")) + n).encode(); return int(self.d[k])
+    def compare_set(self, k, e, v):
+        self.keys.append(k); self.d[k] = v; return v
+    def check(self, ks):
+        return all(k in self.d for k in ks)
+    def wait(self, ks, t=None):
+        pass
+    def num_keys(self):
+        return len(self.d)
+    def set_timeout(self, t):
+        pass
+    def delete_key(self, k):
+        return self.d.pop(k, None) is not None
+
+
+# the keys a plain 1-process gloo rendezvous writes, and the same keys under the attempt's prefix
+# (joined by torch's own PrefixStore)
+plain_init = dist.init_process_group
+rec = Recorder()
+plain_init("gloo", store=rec, rank=0, world_size=1, timeout=timedelta(seconds=30))
+dist.destroy_process_group()
+plain_keys = sorted(set(rec.keys))
+joined = Recorder()
+for k in plain_keys:
+    PrefixStore("titan_rw/attempt_2/", joined).set(k, b"")
+
+agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+if agent:  # torchrun's agent store: the workers only connect to it
+    store = TCPStore("127.0.0.1", port, 1, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
+world = du.init_distributed(CommConfig(init_timeout_seconds=30))
+restored = dist.init_process_group is plain_init
+backend, size = dist.get_backend(), dist.get_world_size()
+if not agent:  # rank 0 of the wrapper made the store (alive while the group is): connect as a client
+    store = TCPStore("127.0.0.1", port, 1, is_master=False, timeout=timedelta(seconds=30))
+has_prefixed = [store.check([k]) for k in joined.keys]
+has_plain = [store.check([k]) for k in plain_keys]
+dist.destroy_process_group()
+print(json.dumps(dict(applied=list(titan_rw.compat.applied_patches()),
+                      inner=getattr(getattr(du.init_distributed, "__wrapped__", None), "__module__", None),
+                      world=world, restored=restored, backend=backend, size=size, plain_keys=plain_keys,
+                      prefixed=joined.keys, has_prefixed=has_prefixed, has_plain=has_plain)))
+"""
+
+
+@pytest.mark.parametrize("agent_store", [True, False])
+def test_restart_rendezvous_initializes_gloo_through_the_attempts_prefix(agent_store):
+    """Patch 11 is applied in a restart (attempt 2) and wraps TorchTitan's init_distributed. The wrapped init_distributed really builds a 1-process gloo group,
+    its rendezvous keys land in the store under "titan_rw/attempt_2/" (and none without it), on
+    torchrun's agent store (TORCHELASTIC_USE_AGENT_STORE=True) and on a store rank 0 makes itself;
+    torch.distributed.init_process_group is restored afterwards."""
+    env = {"TORCHELASTIC_RESTART_COUNT": "2"}
+    if agent_store:
+        env["TORCHELASTIC_USE_AGENT_STORE"] = "True"
+    r = run_py(_RENDEZVOUS, env_extra=env, env_drop=_TORCHRUN_ENV)
+    assert "restart_rendezvous" in r["applied"] and r["inner"] == "torchtitan.distributed.utils"  # wrapped
+    assert r["world"] == 1 and r["size"] == 1 and r["backend"] == "gloo" and r["restored"]
+    assert r["plain_keys"], r  # the rendezvous writes something to the store
+    assert all(k.startswith("titan_rw/attempt_2/") for k in r["prefixed"]) and len(r["prefixed"]) == len(r["plain_keys"])
+    assert all(r["has_prefixed"]), r
+    assert not any(r["has_plain"]), r

@@ -28,7 +28,7 @@ SEQ = 64
 TRAIN_OVERRIDES = [
     "--training.steps", str(STEPS), "--training.seq_len", str(SEQ), "--training.local_batch_size", "8",
     "--training.global_batch_size", "8", "--reweight.warmup_steps", "3", "--lr_scheduler.warmup_steps", "3",
-    "--reweight.log_interval", "10", "--metrics.enable_tensorboard", "false",
+    "--logging.log_interval", "10", "--metrics.enable_tensorboard", "false",
 ]
 
 

@@ -31,6 +31,7 @@ from obs_helpers import corpus_ids
 from titan_rw.loss import reweighted_loss
 from titan_rw.observability import (
     HIST_TAGS,
+    GroupLayout,
     SCALAR_TAGS,
     RunLogger,
     event_dirs,
@@ -44,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 GLOBAL_BATCH = 16
 RUNS = {  # name: (ranks, local batch, scope, strategy, temperature, extra overrides)
-    "one": (1, 8, "microbatch", "linupper", 0.2, ["--fault.nan_loss_steps", "[2]"]),
+    "one": (1, 8, "microbatch", "linupper", 0.2, ["--fault_injection.nan_loss_steps", "[2]"]),
     "two": (2, 4, "microbatch", "linupper", 0.2, []),
     "global": (1, 8, "global_batch", "quadratic", 0.3, []),
 }
@@ -59,8 +60,8 @@ def _launch(name, base, env):
            "--training.steps", str(STEPS), "--training.seq_len", "64",
            "--training.local_batch_size", str(local), "--training.global_batch_size", str(GLOBAL_BATCH),
            "--reweight.strategy", strategy, "--reweight.temperature", str(r), "--reweight.warmup_steps", "0",
-           "--reweight.scope", scope, "--reweight.log_interval", "2", "--reweight.histogram_interval", "2",
-           "--reweight.samples_interval", "2", "--reweight.top_k", "3",
+           "--reweight.scope", scope, "--logging.log_interval", "2", "--logging.histogram_interval", "2",
+           "--logging.samples_interval", "2", "--logging.top_k", "3",
            "--lr_scheduler.warmup_steps", "1", "--checkpoint.enable", "false", *extra]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
@@ -219,7 +220,7 @@ def test_runs_exercise_what_the_checks_are_about(runs):
 
 @pytest.mark.slow
 def test_nonfinite_activation_drops_the_step(runs):
-    """fault.nan_loss_steps puts +inf in sample 0's embedding output at step 2 (rank 0, first
+    """fault_injection.nan_loss_steps puts +inf in sample 0's embedding output at step 2 (rank 0, first
     micro-batch): its loss is NaN, it gets weight 0 and leaves b, and the whole step is dropped."""
     run = runs["one"]
     f0 = run["cap"][2]["groups"][0]["losses"]
@@ -494,3 +495,143 @@ def test_fault_counters_in_health_and_no_mfu_without_peak(tmp_path):
     layout = tensorboard_layout()
     assert list(layout)[0] == "losses"
     assert ["^weights/max$", "^bound/two_over_b$"] in [c[1] for cat in layout.values() for c in cat.values()]
+
+
+# ---------------------------------------------------------------------------- granularity = "document"
+def _doc(doc_id, domain, n, off):
+    return {"dataset": "ds", "doc_id": doc_id, "domain": domain, "n_tokens": n, "row_offset": off}
+
+
+F_SLOTS = 3
+# four packed rows of 64 tokens, as the loader's last_provenance lists them
+DOC_ROWS = [
+    [_doc("A", "web", 20, 0), _doc("B", "code", 44, 20)],
+    [_doc("C", "web", 64, 0)],
+    [_doc("D", "web", 10, 0), _doc("E", "code", 12, 10), _doc("G", "code", 14, 22), _doc("H", "code", 8, 36),
+     _doc("I", "web", 20, 44)],  # 5 documents in 3 slots: G, H, I merged in the last slot, whose domain is I's (most tokens)
+    [_doc("J", "code", 30, 0), _doc("K", "web", 4, 30), _doc("L", "code", 30, 34)],  # K: short (< 8 tokens)
+]
+# each slot, by hand: (main doc id, its domain, tokens, loss); None: an empty slot
+DOC_SLOTS = [("A", "web", 20, 3.0), ("B", "code", 44, 4.5), None,
+             ("C", "web", 64, 2.0), None, None,
+             ("D", "web", 10, 5.5), ("E", "code", 12, 1.2), ("I", "web", 42, 3.3),
+             ("J", "code", 30, 2.6), ("K", "web", 4, 6.0), ("L", "code", 30, 4.0)]
+
+
+def test_group_layout_per_sample_and_provenance_index():
+    a, b, c, d, e = ({"doc_id": x} for x in "abcde")
+    lay = GroupLayout(fragments_per_row=3)
+    got = lay.per_sample([[a, b], [c], [a, b, c, d, e], [a, None, b, c], [], None])
+    assert got == [a, b, None,  c, None, None,  a, b, [c, d, e],  a, b, c,  None, None, None,  None, None, None]
+    assert lay.per_sample([[a, b, c, d]])[2] == [c, d]  # one fragment past the slots: still a list
+    rows = [[a], [b, c]]
+    assert GroupLayout().per_sample(rows) is rows  # rows: one sample per row
+    # provenance_index: rank r's samples in the step's groups concatenated (micro-batch j, then DP
+    # rank, then sample), built here by enumerating every group's samples in order
+    for k, b_local, dp_size in ((1, 4, 1), (2, 3, 2), (3, 6, 4)):
+        for rank in range(dp_size):
+            order = [(j, q, s) for j in range(k) for q in range(dp_size) for s in range(b_local)]
+            want = [order.index((j, rank, s)) for j in range(k) for s in range(b_local)]
+            got = GroupLayout(k, b_local, rank, dp_size).provenance_index(len(want))
+            assert (got if got is not None else list(range(len(want)))) == want, (k, b_local, dp_size, rank)
+            assert GroupLayout(k, b_local, rank, dp_size).provenance_index(2) in (None, want[:2])
+    assert GroupLayout(1, 4, 0, 2).provenance_index(4) is None  # rank 0's rows of one group: the identity
+    assert GroupLayout(2, 6, 1, 2, fragments_per_row=3).provenance_index(12) == [6, 7, 8, 9, 10, 11, 18, 19, 20, 21, 22, 23]
+
+
+def test_document_granularity_metrics_samples_and_histogram(tmp_path):
+    """One reweighting group of document fragments (4 rows × 3 slots, one overflow row), through
+    record_step with the rows' provenance: every logged number is recomputed here in float64 from
+    the weights, the slots' token counts and the hand-made slot table."""
+    from titan_rw.documents import document_weights
+    from titan_rw.loss import WeightStats
+    from titan_rw.observability import StepRecord
+
+    f = torch.tensor([s[3] if s else 0.0 for s in DOC_SLOTS])
+    n = torch.tensor([s[2] if s else 0 for s in DOC_SLOTS])
+    merged = torch.zeros(len(DOC_SLOTS), dtype=torch.bool)
+    merged[8] = True
+    w, prior = document_weights(f, n, "dro_kl", 1.0, min_tokens=8, merged=merged)
+    stats = WeightStats.of_documents(f, w, n > 0, prior, merged)
+    lay = GroupLayout(1, 4 * F_SLOTS, 0, 1, fragments_per_row=F_SLOTS)
+    rl = RunLogger.Config(log_interval=1, histogram_interval=1, samples_interval=1, top_k=2, snippet_chars=1000).build(
+        str(tmp_path), 0, layout=lay, total_steps=1, decode=lambda ids: " ".join(map(str, ids)))
+    inputs = torch.arange(4)[:, None] * 100 + torch.arange(64)[None, :]  # token t of row q: 100 q + t
+    rl.record_step(StepRecord(step=1, groups=[stats], temperature=1.0, lr=1e-3, grad_norm=torch.tensor(0.5),
+                              ntokens=256, provenance=DOC_ROWS, inputs=inputs))
+    rl.close()
+    (row,) = read_metrics(str(tmp_path))
+
+    W = w.double().numpy()
+    slots = [(i, s) for i, s in enumerate(DOC_SLOTS) if s]
+    N = sum(s[2] for _, s in slots)
+    ratio = {i: W[i] / (s[2] / N) for i, s in slots}  # w / pi, pi = n / N
+    assert abs(sum(W) - 1) < 1e-6 and ratio[10] == pytest.approx(1.0, rel=1e-5) and ratio[8] == pytest.approx(1.0, rel=1e-5)
+    assert row["granularity"] == "document" and row["max_weight_bound"] is None
+    assert row["max_weight_ratio"] == pytest.approx(max(ratio.values()), rel=1e-5)
+    assert row["bound_ratio"] == pytest.approx(max(ratio.values()) / 2, rel=1e-5)
+    assert row["bound_violations"] == int(max(ratio.values()) > 2) == 1  # D's ratio is above c = 2
+    assert row["overflow_rows"] == 1 and row["b"] == len(slots) == 9
+    assert row["max_weight"] == pytest.approx(W.max(), rel=1e-6)
+    assert row["loss"] == pytest.approx(sum(s[2] / N * s[3] for _, s in slots), rel=1e-6)  # token-mean loss
+    assert row["weighted_loss"] == pytest.approx(sum(W[i] * s[3] for i, s in slots), rel=1e-6)
+
+    # domains: token share, token-weighted mean of w/pi, share of the weight (Σw)
+    tok, num, mass = {}, {}, {}
+    for i, (_, dom, k, _) in slots:
+        tok[dom] = tok.get(dom, 0) + k
+        num[dom] = num.get(dom, 0.0) + k * ratio[i]
+        mass[dom] = mass.get(dom, 0.0) + W[i]
+    assert set(row["domains"]) == {"web", "code"}
+    for dom in tok:
+        got = row["domains"][dom]
+        assert got["share"] == pytest.approx(tok[dom] / N, rel=1e-6), dom
+        assert got["mean_weight"] == pytest.approx(num[dom] / tok[dom], rel=1e-5), dom
+        assert got["weight_mass"] == pytest.approx(mass[dom] / sum(W), rel=1e-5), dom
+
+    # samples.jsonl: ranked by w/pi (ties: the higher loss first), the slot's main document
+    (s,) = read_samples(str(tmp_path))
+    top = sorted(slots, key=lambda x: (-ratio[x[0]], -x[1][3]))[:2]
+    bottom = sorted(slots, key=lambda x: (ratio[x[0]], x[1][3]))[:2]
+    assert [x[1][0] for x in top] == ["D", "B"] and [x[1][0] for x in bottom] == ["E", "C"]  # the table above
+    assert s["rows_seen"] == 9
+    for got, want in ((s["top"], top), (s["bottom"], bottom)):
+        assert [x["doc_id"] for x in got] == [x[1][0] for x in want]
+        assert [x["domain"] for x in got] == [x[1][1] for x in want]
+        assert [x["weight_x_b"] for x in got] == pytest.approx([ratio[x[0]] for x in want], rel=1e-5)
+        assert [x["weight"] for x in got] == pytest.approx([W[x[0]] for x in want], rel=1e-5)
+        assert [x["loss"] for x in got] == pytest.approx([x[1][3] for x in want], rel=1e-6)
+    # the snippet is the fragment's own tokens in its row (row_offset .. + n_tokens), from `inputs`;
+    # every fragment (top_k = 9) but the merged slot (G, H, I: several documents), which is not shown
+    span = {"A": (0, 0, 20), "B": (0, 20, 44), "C": (1, 0, 64), "D": (2, 0, 10), "E": (2, 10, 12),
+            "I": (2, 22, 42), "J": (3, 0, 30), "K": (3, 30, 4), "L": (3, 34, 30)}
+    rl9 = RunLogger.Config(log_interval=1, samples_interval=1, top_k=9, snippet_chars=1000).build(
+        str(tmp_path / "all"), 0, layout=lay, tensorboard=False, decode=lambda ids: " ".join(map(str, ids)))
+    rl9.record_step(StepRecord(step=1, groups=[stats], temperature=1.0, lr=1e-3, grad_norm=torch.tensor(0.5),
+                               ntokens=256, provenance=DOC_ROWS, inputs=inputs))
+    rl9.close()
+    (s9,) = read_samples(str(tmp_path / "all"))
+    assert sorted(x["doc_id"] for x in s9["top"]) == sorted(set(span) - {"I"}) and s9["rows_seen"] == 9
+    for x in s9["top"] + s["top"] + s["bottom"]:
+        q, off, k = span[x["doc_id"]]
+        assert x["text"] == " ".join(str(100 * q + t) for t in range(off, off + k)), x["doc_id"]
+
+    # TensorBoard: the weight histogram is over w/pi of the 9 fragments, its axis from 0 to c = 2 at least
+    ea = _acc(str(tmp_path))
+    (h,) = ea.Tensors(HIST_TAGS["weights"])
+    v = tensor_util.make_ndarray(h.tensor_proto)
+    r = np.array(list(ratio.values()))
+    assert v[:, 2].sum() == 9 and v[0, 0] == 0.0
+    assert v[-1, 1] == pytest.approx(max(2.0, r.max()), rel=1e-5)
+    want, _ = np.histogram(r, bins=np.linspace(0.0, v[-1, 1], len(v) + 1))
+    assert np.abs(v[:, 2] - want).sum() <= 2  # fp32 rounding at a bucket edge
+    assert (v[:, 2] * (v[:, 0] + v[:, 1]) / 2).sum() == pytest.approx(r.sum(), abs=v[0, 1] * 9)
+    tags = set(ea.Tags()["scalars"])
+    assert "bound/two_over_b" not in tags  # no 2/b line: the bound is per fragment (ratio vs c)
+    (t_ratio,) = [t for t in tags if t.endswith("/max_weight_ratio")]
+    (t_over,) = [t for t in tags if t.endswith("/overflow_rows")]
+    assert ea.Scalars(t_ratio)[0].value == pytest.approx(max(ratio.values()), rel=1e-5)
+    assert ea.Scalars(t_over)[0].value == 1.0
+    assert ea.Scalars("bound/ratio")[0].value == pytest.approx(max(ratio.values()) / 2, rel=1e-5)
+    for dom in tok:
+        assert ea.Scalars(f"data/mean_weight/{dom}")[0].value == pytest.approx(num[dom] / tok[dom], rel=1e-5)

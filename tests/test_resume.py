@@ -35,7 +35,7 @@ STEPS = 6
 COMMON = [
     "--config", "train_configs/debug_cpu.toml", "--model.flavor", "tiny", "--training.steps", str(STEPS),
     "--training.seq_len", "32", "--training.local_batch_size", "8", "--training.global_batch_size", "16",
-    "--reweight.log_interval", "1", "--reweight.warmup_steps", "2", "--lr_scheduler.warmup_steps", "2",
+    "--logging.log_interval", "1", "--reweight.warmup_steps", "2", "--lr_scheduler.warmup_steps", "2",
     "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "0", "--fault.audit_rows", "true",
     "--metrics.enable_tensorboard", "false", "--job.deterministic", "true",
 ]
@@ -116,7 +116,7 @@ def runs(tmp_path_factory):
     r = {"base": base}
     # 1 process: uninterrupted; SIGKILLed after step 3 (checkpoint step-2 on disk), then resumed
     _run(base, p("ref1"))
-    _run(base, p("kill1"), "--fault.kill_at_step", "3", expect=-9)
+    _run(base, p("kill1"), "--fault_injection.kill_at_step", "3", expect=-9)
     shutil.copytree(p("kill1"), p("one_to_two"))
     _, r["resume1_log"] = _run(base, p("kill1"))
     # 2 ranks: uninterrupted; its step-2 checkpoint resumed on 1 process
@@ -128,7 +128,7 @@ def runs(tmp_path_factory):
     shutil.rmtree(p("one_to_two/audit"))
     _run(base, p("one_to_two"), nproc=2)
     # torchrun elastic restart: rank 1 SIGKILLed after step 3, --max-restarts 1
-    _, r["elastic_log"] = _run(base, p("elastic"), "--fault.kill_at_step", "3", "--fault.kill_rank", "1",
+    _, r["elastic_log"] = _run(base, p("elastic"), "--fault_injection.kill_at_step", "3", "--fault_injection.kill_rank", "1",
                                nproc=2, torchrun_args=["--max-restarts", "1"])
     # damaged newest checkpoints: step-6 truncated, step-4 missing a file -> step-2 loaded
     shutil.copytree(p("ref1"), p("damaged"))
@@ -156,12 +156,12 @@ def runs(tmp_path_factory):
     _, r["unreadable_log"] = _run(base, p("unreadable"))
     # faults: NaN loss at step 2, NaN gradient at step 3 (fused AdamW: skipped on device),
     # SIGUSR1 during step 4 -> checkpoint step-4, exit 138; then resumed to the end
-    faults = ["--fault.nan_loss_steps", "[2]", "--fault.nan_grad_steps", "[3]", "--optimizer.implementation", "fused",
+    faults = ["--fault_injection.nan_loss_steps", "[2]", "--fault_injection.nan_grad_steps", "[3]", "--optimizer.implementation", "fused",
               "--checkpoint.interval", "1"]
-    _, r["signal_log"] = _run(base, p("faults"), *faults, "--fault.signal_at_step", "4", expect=128 + 10)
+    _, r["signal_log"] = _run(base, p("faults"), *faults, "--fault_injection.signal_at_step", "4", expect=128 + 10)
     _run(base, p("faults"), *faults)
     # too many consecutive skips (foreach AdamW: host check): stop with exit 3 after a checkpoint
-    _, r["stop_log"] = _run(base, p("stop"), "--fault.nan_grad_steps", "[2, 3]", "--fault.max_consecutive_skips", "2",
+    _, r["stop_log"] = _run(base, p("stop"), "--fault_injection.nan_grad_steps", "[2, 3]", "--fault.max_consecutive_skips", "2",
                             "--checkpoint.interval", "10", "--checkpoint.enable_first_step_checkpoint", "true", expect=3)
     r.update({k: p(k) for k in ("ref1", "kill1", "ref2", "two_to_one", "one_to_two", "elastic", "damaged", "unreadable", "faults", "stop")})
     return r

@@ -32,7 +32,7 @@ STEPS = 6
 COMMON = [
     "--config", "train_configs/debug_cpu.toml", "--model.flavor", "tiny", "--training.steps", str(STEPS),
     "--training.seq_len", "32", "--training.local_batch_size", "8", "--training.global_batch_size", "16",
-    "--reweight.log_interval", "3", "--reweight.warmup_steps", "2", "--lr_scheduler.warmup_steps", "2",
+    "--logging.log_interval", "3", "--reweight.warmup_steps", "2", "--lr_scheduler.warmup_steps", "2",
     "--checkpoint.interval", "1", "--checkpoint.keep_latest_k", "2", "--metrics.enable_tensorboard", "false",
 ]
 
@@ -90,7 +90,7 @@ def runs(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("resume_safety"))
     folder = os.path.join(base, "run")
     r = {"base": base, "folder": folder}
-    _run(base, folder, "--fault.kill_at_step", "4", expect=-9)
+    _run(base, folder, "--fault_injection.kill_at_step", "4", expect=-9)
     r["rows_after_kill"] = _rows(folder)
     r["steps_after_kill"] = _steps(folder)
     r["snapshot"] = _snapshot(folder)
@@ -261,7 +261,7 @@ def test_sigterm_to_the_launcher_exits_143_after_a_checkpoint(tmp_path):
 
     folder = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "titan_rw.train", "--nproc", "2", *COMMON, "--training.steps", "500",
-           "--checkpoint.interval", "1000", "--reweight.log_interval", "50", "--job.dump_folder", folder]
+           "--checkpoint.interval", "1000", "--logging.log_interval", "50", "--job.dump_folder", folder]
     p = subprocess.Popen(cmd, cwd=ROOT, env=_env(str(tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 240

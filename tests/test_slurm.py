@@ -89,7 +89,7 @@ def _job_args(run_dir: Path, steps: int, interval: int) -> tuple[list[str], list
     """(extra sbatch environment, trainer overrides) for a short debug_cpu job."""
     env = [f"RUN_DIR={run_dir}"]
     # the debug model, quick: no TensorBoard, log (and so flush metrics.jsonl) every step
-    over = ["--reweight.log_interval", "1", "--reweight.warmup_steps", "1", "--training.seq_len", "64",
+    over = ["--logging.log_interval", "1", "--reweight.warmup_steps", "1", "--training.seq_len", "64",
             "--lr_scheduler.warmup_steps", "2", "--metrics.enable_tensorboard", "false",
             "--training.steps", str(steps), "--checkpoint.interval", str(interval)]
     return env, over
@@ -289,14 +289,13 @@ def test_a_signal_delivered_twice_at_once_is_one_stop_request(tmp_path):
     the duplicate as a second request kills the rank before its checkpoint (first run: -15)."""
     code = (
         "import os, signal, time\n"
-        "from titan_rw.trainer import ReweightTrainer, SAME_SIGNAL_WINDOW_S\n"
-        "class T: _signal_received = 0; _signal_time = 0.0; _rank = 0\n"
-        "t = T()\n"
-        "signal.signal(signal.SIGTERM, lambda s, f: ReweightTrainer._on_signal(t, s, f))\n"
+        "import torch\n"
+        "from titan_rw.faults import SAME_SIGNAL_WINDOW_S, StopGuard\n"
+        "t = StopGuard.Config().build(rank=0, world_size=1, device=torch.device('cpu'))\n"
         "os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGTERM)\n"
-        "assert t._signal_received == signal.SIGTERM\n"
+        "assert t._received == signal.SIGTERM\n"
         "print('alive after the duplicate', flush=True)\n"
-        "t._signal_time -= SAME_SIGNAL_WINDOW_S + 1\n"
+        "t._received_at -= SAME_SIGNAL_WINDOW_S + 1\n"
         "os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
         "print('alive after the later one', flush=True)\n"
     )

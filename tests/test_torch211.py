@@ -205,7 +205,7 @@ STEPS = 4
 COMMON = [
     "--config", "train_configs/debug_cpu.toml", "--model.flavor", "tiny", "--training.steps", str(STEPS),
     "--training.seq_len", "32", "--training.local_batch_size", "8", "--training.global_batch_size", "16",
-    "--reweight.log_interval", "1", "--reweight.warmup_steps", "1", "--lr_scheduler.warmup_steps", "2",
+    "--logging.log_interval", "1", "--reweight.warmup_steps", "1", "--lr_scheduler.warmup_steps", "2",
     "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "0",
     "--metrics.enable_tensorboard", "false", "--job.deterministic", "true",
 ]
@@ -250,7 +250,7 @@ def test_train_on_torch211_equals_torch213(py211, tmp_path):
     _wait([_start("ref1", _train_cmd(sys.executable, d("ref1"), 1), tmp_path),
            _start("t211_1", _train_cmd(py211, d("t211_1"), 1), tmp_path)], [0, 0])
     _wait([_start("ref2", _train_cmd(sys.executable, d("ref2"), 2), tmp_path)], [0])
-    _wait([_start("t211_2_kill", _train_cmd(py211, d("t211_2"), 2, "--fault.kill_at_step", "3"), tmp_path)],
+    _wait([_start("t211_2_kill", _train_cmd(py211, d("t211_2"), 2, "--fault_injection.kill_at_step", "3"), tmp_path)],
           ["nonzero"])
     (log,) = _wait([_start("t211_2_resume", _train_cmd(py211, d("t211_2"), 2), tmp_path)], [0])
     assert "resumed from the checkpoint of step 2" in log

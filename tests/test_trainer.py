@@ -64,7 +64,7 @@ def test_two_rank_gradients_equal_single_process_reference(tmp_path):
 
 def test_debug_cpu_two_ranks_one_rank_same_losses_checkpoint_resume(tmp_path):
     # the real token loader (shipped corpus): its state is world-size free
-    common = ["--config", "train_configs/debug_cpu.toml", "--training.steps", "4", "--reweight.log_interval", "2",
+    common = ["--config", "train_configs/debug_cpu.toml", "--training.steps", "4", "--logging.log_interval", "2",
               "--reweight.warmup_steps", "1", "--lr_scheduler.warmup_steps", "2"]
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
     _run(_torchrun(2, "-m", "titan_rw.train", *common, "--job.dump_folder", two), tmp_path)

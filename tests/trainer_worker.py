@@ -32,7 +32,7 @@ def main(out_path):
         "--model.flavor", "tiny", "--training.seq_len", str(SEQ), "--training.local_batch_size", str(B_LOCAL),
         "--training.global_batch_size", str(B_LOCAL * 2), "--training.max_norm", "1e9", "--training.steps", "100",
         "--job.dump_folder", os.environ["RW_DUMP"], "--checkpoint.enable", "false", "--metrics.enable_tensorboard", "false",
-        "--data.loader", "synthetic", "--training.mixed_precision_param", "float32", "--reweight.log_interval", "1000",
+        "--data.loader", "synthetic", "--training.mixed_precision_param", "float32", "--logging.log_interval", "1000",
     ])
     trainer = cfg.build()
     rank, dp = trainer.dp_rank, trainer.dp_size

@@ -43,10 +43,13 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import random
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
+import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torchtitan.components.checkpoint import CheckpointManager
@@ -60,7 +63,8 @@ _STEP = re.compile(r"^step-(\d+)$")
 MUST_MATCH = ("model.flavor", "training.seq_len", "data.seed", "data.shuffle", "data.loader")
 # Keys whose change is accepted on resume with one log line (the experiment is not the same).
 LOGGED = ("reweight.strategy", "reweight.temperature", "reweight.warmup_temperature", "reweight.warmup_steps",
-          "reweight.anneal", "reweight.anneal_steps", "reweight.cap", "reweight.scope",
+          "reweight.anneal", "reweight.anneal_steps", "reweight.cap", "reweight.scope", "reweight.granularity",
+          "reweight.min_document_tokens", "reweight.max_documents_per_row",
           "training.global_batch_size", "training.local_batch_size")
 
 
@@ -427,3 +431,19 @@ def _first_error(e: BaseException) -> str:
     e = _inner(e)
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[-1][:300] if text else ''}"
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch, numpy, python, CUDA when initialized), for the train state."""
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])

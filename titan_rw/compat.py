@@ -43,6 +43,13 @@ Lean environments (the GPU check's image: torch and the wheels of benchmarks/gpu
                          never used by titan_rw, which has its own loader) imports with placeholders
                          that raise a clear error when called. Saves `datasets`, pyarrow, pandas, ...
 
+torchrun restarts (any torch that keeps one agent store across attempts, as 2.13 does):
+
+11. ``restart_rendezvous`` a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) → TorchTitan's
+                         `init_distributed` builds the process group on a store under a per-attempt
+                         key prefix; else a restarted rank can read the previous attempt's addresses
+                         ("Gloo connectFullMesh failed ... Connection refused"; ~1/3 of restarts).
+
 `applied_patches()` lists the names applied; one INFO line names them.
 """
 
@@ -559,6 +566,51 @@ def _patch_hf_datasets_absent() -> bool:
     return True
 
 
+def _restart_attempt() -> str:
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or "0"
+
+
+def _per_attempt_init(original: Callable) -> Callable:
+    """TorchTitan's `init_distributed`, with `init_process_group` given a per-attempt PrefixStore."""
+    import functools
+    from datetime import timedelta
+
+    @functools.wraps(original)
+    def init_distributed(comm_config, *args, **kwargs):
+        attempt = _restart_attempt()
+        if attempt == "0" or dist.is_initialized() or "MASTER_ADDR" not in os.environ:
+            return original(comm_config, *args, **kwargs)
+        from torch.distributed import PrefixStore, TCPStore
+
+        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        timeout = timedelta(seconds=comm_config.init_timeout_seconds)
+        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            base = TCPStore(addr, port, world, is_master=False, timeout=timeout)
+        else:
+            base = TCPStore(addr, port, world, is_master=rank == 0, timeout=timeout, multi_tenant=True)
+        store = PrefixStore(f"titan_rw/attempt_{attempt}/", base)
+        plain = torch.distributed.init_process_group
+        torch.distributed.init_process_group = functools.partial(plain, store=store, rank=rank, world_size=world)
+        try:
+            return original(comm_config, *args, **kwargs)
+        finally:
+            torch.distributed.init_process_group = plain
+
+    return init_distributed
+
+
+def _wrap_init_distributed(mod: types.ModuleType) -> None:
+    mod.init_distributed = _per_attempt_init(mod.init_distributed)
+
+
+def _patch_restart_rendezvous() -> bool:
+    if _restart_attempt() == "0" or not dist.is_available():
+        return False
+    _after_import("torchtitan.distributed.utils", _wrap_init_distributed)
+    return True
+
+
 _PATCHES: tuple[tuple[str, Callable[[], bool]], ...] = (
     ("triton_stub", _patch_triton_stub),
     ("cpu_device", _patch_cpu_device),
@@ -570,6 +622,7 @@ _PATCHES: tuple[tuple[str, Callable[[], bool]], ...] = (
     ("block_mask_kwargs", _patch_block_mask_kwargs),
     ("trunc_normal_2_13", _patch_trunc_normal_2_13),
     ("hf_datasets_absent", _patch_hf_datasets_absent),
+    ("restart_rendezvous", _patch_restart_rendezvous),
 )
 
 

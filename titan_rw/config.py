@@ -11,9 +11,17 @@ Sections mapped 1:1 onto TorchTitan's dataclasses accept exactly those dataclass
 `[training]` TrainingConfig, `[lr_scheduler]` LRSchedulersContainer.Config,
 `[checkpoint]` CheckpointManager.Config, `[metrics]` MetricsProcessor.Config,
 `[parallelism]` ParallelismConfig, `[compile]` CompileConfig, `[comm]` CommConfig,
-`[profiler]` Profiler.Config, `[reweight]` titan_rw.trainer.ReweightConfig, `[fault]`
-titan_rw.trainer.FaultConfig. `[checkpoint]` builds titan_rw.checkpointing.ResumableCheckpointManager
-(TorchTitan's manager + fallback to the newest complete checkpoint; same keys).
+`[profiler]` Profiler.Config. Sections of titan_rw's components, each beside its code:
+`[reweight]` titan_rw.reweight.ReweightConfig, `[logging]` titan_rw.observability.RunLogger.Config,
+`[fault]` titan_rw.faults.StopGuard.Config, `[fault_injection]` (tests) titan_rw.fault_injection,
+`[periodic_eval]` titan_rw.eval.periodic.PeriodicEvalConfig. `[checkpoint]` builds
+titan_rw.checkpointing.ResumableCheckpointManager (TorchTitan's manager + fallback to the newest
+complete checkpoint; same keys). The logging keys that used to sit in `[reweight]` (log_interval,
+...) still work there, with a deprecation warning (`DEPRECATED_KEYS`).
+
+This module sits above the trainer: it imports the components' config classes and
+`ReweightTrainer.Config`, and nothing below imports it (`save_run_config` is called by
+`titan_rw.train`).
 Sections of our own: `[job]`, `[model]`, `[optimizer]`, `[activation_checkpoint]`, `[data]`
 (see `OWN_SECTIONS`).
 """
@@ -23,6 +31,8 @@ from __future__ import annotations
 import titan_rw  # noqa: F401
 
 import dataclasses
+import json
+import logging
 import os
 import tomllib
 import types
@@ -31,16 +41,22 @@ from typing import Any, Literal
 
 from torchtitan.components.loss import CrossEntropyLoss
 from torchtitan.components.metrics import MetricsProcessor
-from torchtitan.components.optimizer import LRSchedulersContainer, OptimizersContainer
+from torchtitan.components.optimizer import LRSchedulersContainer
 from torchtitan.components.optimizer.optimizer import ParamGroupConfig
 from torchtitan.config.configs import CommConfig, CompileConfig, DebugConfig, ParallelismConfig, TrainingConfig
 from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
 from torchtitan.tools.profiler import Profiler
 
 from titan_rw import models
-from titan_rw.reweight import STRATEGIES
 from titan_rw.checkpointing import ResumableCheckpointManager
-from titan_rw.trainer import FaultConfig, PeriodicEvalConfig, ReweightConfig, ReweightTrainer
+from titan_rw.eval.periodic import PeriodicEvalConfig
+from titan_rw.fault_injection import FaultInjection
+from titan_rw.faults import NonFiniteSkipOptimizers, StopGuard
+from titan_rw.observability import RunLogger
+from titan_rw.reweight import STRATEGIES, ReweightConfig
+from titan_rw.trainer import ReweightTrainer
+
+log = logging.getLogger("titan_rw")
 
 
 class ConfigError(ValueError):
@@ -120,9 +136,18 @@ TITAN_SECTIONS: dict[str, type] = {
     "comm": CommConfig,
     "profiler": Profiler.Config,
     "reweight": ReweightConfig,
-    "fault": FaultConfig,
+    "logging": RunLogger.Config,
+    "fault": StopGuard.Config,
+    "fault_injection": FaultInjection.Config,
     "periodic_eval": PeriodicEvalConfig,
 }
+# Keys that moved: (old section, key) -> new section. They still work, with one warning each.
+DEPRECATED_KEYS: dict[tuple[str, str], str] = {
+    ("reweight", k): "logging"
+    for k in ("log_interval", "histogram_interval", "samples_interval", "top_k", "max_weight_window", "metrics_file")
+}
+# Sections left out of the resolved run config (config.json) while every key is at its default.
+ONLY_WHEN_USED = ("fault_injection",)
 SECTIONS: dict[str, type] = {**OWN_SECTIONS, **TITAN_SECTIONS}
 # Our defaults where TorchTitan's do not suit this project (docs/design.md §3).
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -242,6 +267,11 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, str, Any, str]]:
 
 
 def _set(values: dict, section: str, key: str, value, where: str, raw: str | None = None) -> None:
+    moved = DEPRECATED_KEYS.get((section, key))
+    if moved is not None:
+        log.warning(f"titan_rw: {where}: {section}.{key} is deprecated: it is now {moved}.{key} "
+                    f"(set it there; the old key works for now)")
+        section = moved
     if section not in SECTIONS:
         raise ConfigError(f"{where}: unknown section [{section}]; valid sections: {', '.join(SECTIONS)}")
     fields = section_fields(section)
@@ -366,10 +396,11 @@ def validate(values: dict, source: str = "config", world_size: int | None = None
             "(the newest one may still be being written when the older ones are deleted)"
         )
     _checkpoint_section(values, source)
-    try:
-        _section(values, "fault").validate()
-    except ValueError as e:
-        raise ConfigError(f"{source}: [fault] {e}") from None
+    for name in ("logging", "fault"):
+        try:
+            _section(values, name).validate()
+        except ValueError as e:
+            raise ConfigError(f"{source}: [{name}] {e}") from None
     try:
         _section(values, "periodic_eval").validate()
     except ValueError as e:
@@ -537,14 +568,14 @@ def build(values: dict, source: str = "config", world_size: int | None = None) -
     rw = _section(values, "reweight")
     metrics = _section(values, "metrics")
     if "log_freq" not in values.get("metrics", {}):
-        metrics.log_freq = rw.log_interval
+        metrics.log_freq = _section(values, "logging").log_interval
     cfg = ReweightTrainer.Config(
         model_spec=spec,
         hf_assets_path=assets,
         dump_folder=job.dump_folder,
         tokenizer=tokenizer,
         dataloader=dataloader,
-        optimizer=OptimizersContainer.Config(
+        optimizer=NonFiniteSkipOptimizers.Config(
             param_groups=[
                 ParamGroupConfig(
                     pattern=r".*",
@@ -568,7 +599,9 @@ def build(values: dict, source: str = "config", world_size: int | None = None) -
         debug=DebugConfig(seed=job.seed, deterministic=job.deterministic, print_config=job.print_config),
         loss=CrossEntropyLoss.Config(global_vocab_size=models.flavor(m.flavor).vocab_size),
         reweight=rw,
+        logging=_section(values, "logging"),
         fault=_section(values, "fault"),
+        fault_injection=_section(values, "fault_injection"),
         periodic_eval=_section(values, "periodic_eval"),
         portable_init=job.portable_init,
         run_values=resolved(values),
@@ -582,6 +615,8 @@ def resolved(values: dict) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name in SECTIONS:
         sec = _section(values, name)
+        if name in ONLY_WHEN_USED and sec == SECTIONS[name]():
+            continue
         out[name] = {k: getattr(sec, k) for k in section_fields(name)}
     data = out["data"]
     if data.get("tokenizer") is None and data.get("loader") != "synthetic" and data_loader_available():
@@ -596,6 +631,24 @@ def from_args(path: str | None, overrides: list[str] | tuple[str, ...] = (), wor
     values = load(path, overrides)
     source = path if not overrides else f"{path or 'config'} (with command-line overrides)"
     return build(values, source, world_size)
+
+
+def save_run_config(dump_folder: str, values: dict[str, dict[str, Any]]) -> None:
+    """`<dump_folder>/config.json` (every section, defaults included, resolved paths) and
+    `<dump_folder>/run_config.toml` (the same as TOML: `--config` re-runs it). Rank 0, after the
+    resume check (a refused config never replaces the run's)."""
+    if not values:
+        return
+    os.makedirs(dump_folder, exist_ok=True)
+    with open(os.path.join(dump_folder, "config.json"), "w") as fh:
+        json.dump(values, fh, indent=1, default=str)
+    try:
+        toml = to_toml(values)
+    except TypeError as e:  # a value TOML cannot hold: the JSON still has it
+        log.warning(f"titan_rw: run_config.toml not written: {e}")
+    else:
+        with open(os.path.join(dump_folder, "run_config.toml"), "w") as fh:
+            fh.write(toml)
 
 
 def to_toml(values: dict[str, dict[str, Any]]) -> str:

@@ -25,30 +25,23 @@ from dataclasses import dataclass
 
 import torch
 
-from titan_rw.reweight import _check_strategy, _check_temperature, sample_weights
+from titan_rw.reweight import (  # noqa: F401  (the defaults are re-exported)
+    DEFAULT_MAX_DOCUMENTS,
+    DEFAULT_MIN_DOCUMENT_TOKENS,
+    _check_strategy,
+    _check_temperature,
+    sample_weights,
+)
 
 IGNORE_INDEX = -100  # the labels' padding value (TorchTitan's; the same as titan_rw.loss.IGNORE_INDEX)
 
-# Slots per row (config key reweight.max_documents): a row with more fragments merges its tail into
-# the last slot, which is then a "merged" slot and keeps its token share.
-DEFAULT_MAX_DOCUMENTS = 64
-
-# Fragments with fewer valid tokens than this keep their token share (config key
-# reweight.min_document_tokens). A fragment's loss is a mean over n tokens, standard error
-# ~ sigma_token / sqrt(n), and per-token NLL is broad (sigma_token of 2-3 nats in LM pretraining):
-# at n = 32 the noise is ~0.18 sigma_token (~0.4-0.5 nat), at n = 4 ~0.5 sigma_token (1-1.5 nat),
-# more than the spread of document losses the strategies rank. Short fragments are also where the
-# extremes come from, and min-max normalization (Alg. 1 line 5) lets one noisy extreme squash every
-# other h. Fragments under 32 tokens are mostly the tail of a document continued at the start of a
-# row and very short documents; they carry a small share of the tokens, so leaving them at their
-# plain-training share costs little of the reweighting. 32 trades these two off; raise it to trust
-# only longer documents.
-DEFAULT_MIN_DOCUMENT_TOKENS = 32
+# DEFAULT_MAX_DOCUMENTS and DEFAULT_MIN_DOCUMENT_TOKENS (the config keys' defaults, and why) live in
+# titan_rw.reweight beside ReweightConfig.
 
 
 def _check_max_documents(max_documents) -> None:
     if not isinstance(max_documents, int) or isinstance(max_documents, bool) or max_documents < 1:
-        raise ValueError(f"max_documents (reweight.max_documents) must be an int >= 1, got {max_documents!r}")
+        raise ValueError(f"max_documents (reweight.max_documents_per_row) must be an int >= 1, got {max_documents!r}")
 
 
 def fragment_index(positions: torch.Tensor, max_documents: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

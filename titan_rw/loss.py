@@ -15,6 +15,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
+from titan_rw.documents import DocumentLosses, document_losses, document_weights
 from titan_rw.reweight import sample_weights
 
 IGNORE_INDEX = -100
@@ -121,6 +122,21 @@ def per_sample_loss(
     return token_nll.sum(dim=1) / n_valid.clamp(min=1), n_valid
 
 
+def per_document_loss(
+    lm_head: nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    max_documents: int,
+    num_chunks: int = 8,
+) -> DocumentLosses:
+    """Mean token NLL of every document fragment of every row (slots [B, F]), from the same
+    per-token NLL as `per_sample_loss` (granularity = "document", titan_rw.documents)."""
+    token_nll = per_token_nll(lm_head, hidden, labels, num_chunks=num_chunks)
+    return document_losses(token_nll, labels, positions, max_documents)
+
+
 @dataclass
 class WeightStats:
     """Detached device tensors of one reweighting group, for logging at the interval."""
@@ -131,7 +147,11 @@ class WeightStats:
     b: torch.Tensor  # number of valid samples (the b of the 2/b bound)
     max_weight: torch.Tensor
     weighted_loss: torch.Tensor  # sum_i w_i f_i over the group
-    mean_loss: torch.Tensor  # unweighted mean over valid samples
+    mean_loss: torch.Tensor  # unweighted mean over valid samples (rows) / token mean (documents)
+    # granularity = "document" only (None for rows, whose uniform weight is 1/b):
+    prior: torch.Tensor | None = None  # [b] each fragment's uniform weight pi_d = n_d / N
+    max_ratio: torch.Tensor | None = None  # max_d w_d / pi_d (bound: c; for rows it is b * max w)
+    overflow_rows: torch.Tensor | None = None  # rows with more fragments than slots (tail merged)
 
     @classmethod
     def of(cls, losses: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor) -> "WeightStats":
@@ -140,12 +160,76 @@ class WeightStats:
         return cls(losses=losses, weights=weights, valid=valid, b=b, max_weight=weights.max(),
                    weighted_loss=(weights * clean).sum(), mean_loss=clean.sum() / b.clamp(min=1))
 
+    @classmethod
+    def of_documents(cls, losses, weights, valid, prior, merged) -> "WeightStats":
+        st = cls.of(losses, weights, valid)
+        st.mean_loss = (prior * torch.where(valid, losses, 0.0)).sum()  # the plain token-mean loss
+        st.prior = prior
+        st.max_ratio = torch.where(prior > 0, weights / torch.where(prior > 0, prior, 1.0), 0.0).max()
+        st.overflow_rows = merged.sum()  # an overflow row has exactly one merged slot
+        return st
+
 
 def gather_losses(local: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """All-gather a 1-D tensor over the data-parallel group, in group-rank order."""
     if group is None or dist.get_world_size(group) == 1:
         return local
     return funcol.wait_tensor(_all_gather(local.contiguous(), gather_dim=0, group=group))
+
+
+def gather_group(columns: list[torch.Tensor], group: dist.ProcessGroup | None, dp_size: int) -> torch.Tensor:
+    """One all-gather of this rank's per-sample columns, each [k, n] (k micro-batches of n samples),
+    over the data-parallel group → [c, k·dp·n] in the group's order: micro-batch j, then DP rank,
+    then sample (what a 1-rank run with dp·n samples per micro-batch would see)."""
+    c, k, n = len(columns), columns[0].shape[0], columns[0].shape[1]
+    everyone = gather_losses(torch.stack(columns).reshape(-1), group)  # one collective
+    return everyone.view(dp_size, c, k, n).permute(1, 2, 0, 3).reshape(c, k * dp_size * n)
+
+
+def group_weights(
+    local_losses: torch.Tensor,
+    local_valid: torch.Tensor,
+    temperature: torch.Tensor | float,
+    *,
+    strategy: str,
+    cap: float | None,
+    group: dist.ProcessGroup | None,
+    dp_rank: int,
+    dp_size: int,
+    n_tokens: torch.Tensor | None = None,
+    merged: torch.Tensor | None = None,
+    min_document_tokens: int = 0,
+) -> tuple[torch.Tensor, WeightStats]:
+    """The weights of one reweighting group spread over the DP ranks: this rank's [k, n] losses and
+    valid masks → (this rank's weights [k, n], the group's WeightStats). pack → gather → Eq. (4)
+    over the whole group → this rank's slice, by its DP-mesh rank (never LOCAL_RANK).
+
+    Document fragments (granularity = "document") also pass their [k, n] token counts and merged
+    flags, gathered in the same single collective; their weights are `document_weights`
+    (w_d ∝ π_d e^{s_d/r}, short and merged fragments at π_d)."""
+    f = local_losses.detach().float()
+    ok = local_valid & torch.isfinite(f)
+    k, n = f.shape
+    if n_tokens is None:
+        f_all, ok_all = gather_group([f, ok.float()], group, dp_size)
+        ok_all = ok_all > 0.5
+        w = sample_weights(f_all, strategy, temperature, cap=cap, valid=ok_all)  # Eq. (4)
+        stats = WeightStats.of(f_all, w, ok_all)
+    else:
+        f_all, ok_all, n_all, merged_all = gather_group(
+            [f, ok.float(), n_tokens.float(), merged.float()], group, dp_size)
+        ok_all, merged_all = ok_all > 0.5, merged_all > 0.5
+        n_all = torch.where(ok_all, n_all, 0.0)  # a non-finite fragment counts nowhere
+        w, prior = document_weights(f_all, n_all, strategy, temperature, cap=cap,
+                                    min_tokens=min_document_tokens, merged=merged_all)
+        stats = WeightStats.of_documents(f_all, w, ok_all, prior, merged_all)
+    return w.view(k, dp_size, n)[:, dp_rank], stats
+
+
+def weighted_sum(weights: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """Σ_i w_i f_i (Alg. 1 line 8). A non-finite sample has weight 0, but 0 * nan is nan: select,
+    don't multiply."""
+    return torch.where(weights > 0, weights * losses.float(), 0.0).sum()
 
 
 def reweighted_loss(
@@ -158,20 +242,19 @@ def reweighted_loss(
     dp_rank: int,
     dp_size: int,
     valid: torch.Tensor | None = None,
+    n_tokens: torch.Tensor | None = None,
+    merged: torch.Tensor | None = None,
+    min_document_tokens: int = 0,
 ) -> tuple[torch.Tensor, WeightStats]:
-    """This rank's share of  sum_i w_i f_i  over the whole data-parallel group.
+    """This rank's share of  sum_i w_i f_i  over the whole data-parallel group (one micro-batch).
 
     TorchTitan's FSDP sums gradients across DP ranks (divide factor 1), so the sum over
     ranks of these local sums has exactly the gradient  sum_global w_i grad f_i.
+    Document fragments: also their token counts and merged flags (see `group_weights`).
     """
-    b_local = local_losses.shape[0]
-    f = local_losses.detach().float()
-    ok = torch.isfinite(f) if valid is None else valid & torch.isfinite(f)
-    both = gather_losses(torch.stack([f, ok.float()]).t().reshape(-1), group)  # one collective
-    both = both.view(dp_size * b_local, 2)
-    losses, ok_all = both[:, 0], both[:, 1] > 0.5
-    w = sample_weights(losses, strategy, temperature, cap=cap, valid=ok_all)  # Eq. (4)
-    w_local = w[dp_rank * b_local : (dp_rank + 1) * b_local]  # by DP-mesh rank, never LOCAL_RANK
-    # A non-finite sample has weight 0, but 0 * nan is nan: select, don't multiply.
-    loss = torch.where(w_local > 0, w_local * local_losses.float(), 0.0).sum()
-    return loss, WeightStats.of(losses, w, ok_all)
+    valid = torch.ones_like(local_losses, dtype=torch.bool) if valid is None else valid
+    docs = {} if n_tokens is None else {"n_tokens": n_tokens[None], "merged": merged[None],
+                                        "min_document_tokens": min_document_tokens}
+    w, stats = group_weights(local_losses[None], valid[None], temperature, strategy=strategy, cap=cap,
+                             group=group, dp_rank=dp_rank, dp_size=dp_size, **docs)
+    return weighted_sum(w[0], local_losses), stats

@@ -222,3 +222,40 @@ def describe(name: str) -> str:
         f"vocab {f.vocab_size}, max seq {f.max_seq_len}, {f.num_params():,} parameters "
         f"({f.num_params() / 1e9:.2f}B)"
     )
+
+
+@torch.no_grad()
+def portable_init(model: torch.nn.Module, model_config, seed: int) -> None:
+    """Initial weights that do not depend on the world size or the sharding (DTensor's sharded RNG
+    does): rank 0 builds one full model on CPU from `model_config` with `seed`, initializes it, and
+    its values are distributed into `model`'s (possibly FSDP-sharded, AC- or compile-wrapped)
+    parameters. Rank 0 holds one full fp32 copy on CPU for a moment."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    on = dist.is_initialized() and dist.get_world_size() > 1
+    rank0 = not on or dist.get_rank() == 0
+    sd: dict[str, torch.Tensor] = {}
+    if rank0:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            with torch.device("cpu"):
+                plain = model_config.build()
+            plain.init_weights(buffer_device=None)
+        sd = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        # activation checkpointing and per-block compile wrap modules and rename their parameters
+        plain_name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+        full = sd[plain_name].detach() if rank0 else None
+        if isinstance(p, DTensor):
+            if full is None:
+                full = torch.empty(p.shape, dtype=p.dtype)
+            local = distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=0)
+            p.to_local().copy_(local.to_local())
+        else:
+            if full is None:
+                full = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+            full = full.to(p.device, p.dtype)
+            if on:
+                dist.broadcast(full, src=0)
+            p.copy_(full)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import math
 import os
 import time
@@ -57,6 +58,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from titan_rw.progress import Progress
+
+_log = logging.getLogger()  # TorchTitan's logger (the root logger): the console lines of the run
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
@@ -76,6 +81,8 @@ SCALAR_TAGS = {
     "bound_ratio": "bound/ratio",
     "bound_violations": "bound/violations",
     "bound_violations_total": "bound/violations_total",
+    "max_weight_ratio": "bound/max_weight_ratio",  # granularity = "document": max w_d/π_d, bound 2
+    "overflow_rows": "health/overflow_rows",  # document granularity: rows with more fragments than slots
     "tokens_per_sec": "perf/tokens_per_sec",
     "mfu": "perf/mfu",
 }
@@ -159,25 +166,95 @@ def tb_writer_of(metrics_processor) -> Any | None:
     return None
 
 
+@dataclass(frozen=True)
+class GroupLayout:
+    """Where this rank's samples sit in a step's reweighting groups: micro-batch j's group holds
+    dp_size · local_samples samples, in DP-rank order, and the step's groups are concatenated."""
+
+    microbatches: int = 1
+    local_samples: int = 0
+    dp_rank: int = 0
+    dp_size: int = 1
+    fragments_per_row: int = 1
+    """granularity = "document": a row's samples are its max_documents_per_row fragment slots, and
+    local_samples counts slots (rows × slots)."""
+
+    def per_sample(self, provenance: list) -> list:
+        """Rows' provenance → one entry per sample: a row's documents go to its fragment slots in
+        order (the tail of an overflow row to the last slot, as a list); empty slots get None."""
+        F = self.fragments_per_row
+        if F == 1:
+            return provenance
+        out = []
+        for docs in provenance:
+            docs = [d for d in (docs or []) if d]
+            out.extend(docs[j] if j < len(docs) else None for j in range(F - 1))
+            out.append(docs[F - 1] if len(docs) == F else (docs[F - 1:] or None))
+        return out
+
+    def provenance_index(self, n_rows: int) -> list[int] | None:
+        """Position of each of this rank's rows in the step's groups concatenated: micro-batch j,
+        row r -> j·b + dp_rank·b_local + r, b = dp_size·b_local (both scopes). None: the identity."""
+        k, b_l = self.microbatches, self.local_samples
+        if k == 1 and self.dp_rank == 0:
+            return None
+        b = b_l * self.dp_size
+        return [j * b + self.dp_rank * b_l + r for j in range(k) for r in range(b_l)][:n_rows]
+
+
+@dataclass
+class FaultCounters:
+    """The step's fault counters (device int64 scalars), merged into its metrics row."""
+
+    nonfinite_samples: torch.Tensor  # NaN/inf losses in the step: weight 0, step dropped
+    skipped: torch.Tensor  # 1 when this step's optimizer update was skipped
+    skipped_steps: torch.Tensor  # since the start of the run (checkpointed)
+    consecutive_skips: torch.Tensor
+
+    def as_metrics(self) -> dict[str, torch.Tensor]:
+        return {"nonfinite_samples": self.nonfinite_samples, "skipped": self.skipped,
+                "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step, as the trainer hands it to `RunLogger.record_step` (device tensors stay
+    on device until the interval's flush)."""
+
+    step: int
+    groups: list  # titan_rw.loss.WeightStats, one per reweighting group
+    temperature: float | torch.Tensor
+    lr: float
+    grad_norm: torch.Tensor
+    ntokens: int
+    faults: FaultCounters | None = None
+    scores: dict[str, float] = field(default_factory=dict)  # periodic eval, on eval steps
+    provenance: list | None = None  # this rank's rows (loader's last_provenance), rank 0 only
+    inputs: torch.Tensor | None = None  # their tokens, on samples steps
+
+
 class RunLogger:
     @dataclass(kw_only=True, slots=True)
     class Config:
-        enable_tensorboard: bool = True
-        """Write TensorBoard event files (metrics.jsonl is always written)."""
-        save_tb_folder: str = "tb"
-        """Under dump_folder, like TorchTitan's metrics.save_tb_folder (a timestamped run dir below)."""
+        """`[logging]`: what the run writes and how often (the TensorBoard switch and folder are
+        TorchTitan's `metrics.enable_tensorboard` / `metrics.save_tb_folder`)."""
+
         metrics_file: str = METRICS_FILE
+        """File under dump_folder that receives one JSON object per step (rank 0)."""
         samples_file: str = SAMPLES_FILE
         log_interval: int = 10
-        """Steps between host reads (flushes); steps 1 and the last step flush too."""
+        """Steps between host reads of the on-device statistics (metrics.jsonl, TensorBoard, console);
+        steps 1 and the last step flush too."""
         histogram_interval: int = 50
-        """Histograms of the weights and per-sample losses every N steps (and at step 1)."""
+        """TensorBoard histograms of the weights and per-sample losses every N steps (and step 1)."""
         samples_interval: int = 100
-        """Text/doc id/URL of the top_k most and least weighted samples every N steps (and step 1)."""
+        """The top_k most / least weighted samples (text, doc id, URL) to TensorBoard and samples.jsonl
+        every N steps (and step 1)."""
         top_k: int = 3
+        """Samples per table (0: none)."""
         snippet_chars: int = 240
         max_weight_window: int = 1000
-        """Steps in the windowed distribution of the per-step max weight."""
+        """Steps in the windowed distribution of the per-step max weight (weights/max_window)."""
         bound_c: float = 2.0
         """Theorem 1's bound is max w <= bound_c / b."""
         bound_tol: float = 1e-6
@@ -191,11 +268,11 @@ class RunLogger:
         def validate(self) -> None:
             for name in ("log_interval", "histogram_interval", "samples_interval", "max_weight_window"):
                 if getattr(self, name) < 1:
-                    raise ValueError(f"RunLogger.Config.{name} must be >= 1, got {getattr(self, name)}")
+                    raise ValueError(f"logging.{name} must be >= 1, got {getattr(self, name)}")
             if self.top_k < 0:
-                raise ValueError(f"RunLogger.Config.top_k must be >= 0, got {self.top_k}")
+                raise ValueError(f"logging.top_k must be >= 0, got {self.top_k}")
             if not self.bound_c > 0:
-                raise ValueError(f"RunLogger.Config.bound_c must be > 0, got {self.bound_c}")
+                raise ValueError(f"logging.bound_c must be > 0, got {self.bound_c}")
 
         def build(self, dump_folder: str, rank: int = 0, **kwargs) -> "RunLogger":
             return RunLogger(self, dump_folder=dump_folder, rank=rank, **kwargs)
@@ -209,6 +286,8 @@ class RunLogger:
         writer_rank: int = 0,
         writer: Any | None = None,
         tb_dir: str | None = None,
+        tensorboard: bool = True,
+        layout: "GroupLayout | None" = None,
         num_flops_per_token: float | None = None,
         peak_flops: float | None = None,
         decode=None,
@@ -219,7 +298,9 @@ class RunLogger:
         `num_flops_per_token`, `peak_flops`: MFU = 100 · flops/token · tokens/s per device / peak.
         `decode(list[int]) -> str`: renders the sample snippets from the `inputs` given to record.
         `static`: constant fields copied into every metrics.jsonl row (e.g. {"strategy": "linupper"}).
-        `total_steps`: the last step always flushes."""
+        `total_steps`: the last step always flushes.
+        `tensorboard`: write event files (own writer under <dump_folder>/tb/<time> unless `writer`).
+        `layout`: where this rank's samples sit in a step's groups (`record_step`'s provenance)."""
         config.validate()
         self.config = config
         self.dump_folder = dump_folder
@@ -229,6 +310,8 @@ class RunLogger:
         self.decode = decode
         self.static = dict(static or {})
         self.total_steps = total_steps
+        self.layout = layout or GroupLayout()
+        self.progress = Progress(total_steps or 0)
         self.metrics_path = os.path.join(dump_folder, config.metrics_file)
         self.samples_path = os.path.join(dump_folder, config.samples_file)
         self._pending: list[dict] = []  # one per recorded step
@@ -247,7 +330,7 @@ class RunLogger:
         if not self.enabled:
             return
         os.makedirs(dump_folder, exist_ok=True)
-        if config.enable_tensorboard:
+        if tensorboard:
             if writer is not None:
                 self.writer = writer
                 self.tb_dir = getattr(writer, "log_dir", None) or writer.get_logdir()
@@ -255,7 +338,7 @@ class RunLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb_dir = tb_dir or os.path.join(
-                    dump_folder, config.save_tb_folder, datetime.now().strftime("%Y%m%d-%H%M")
+                    dump_folder, "tb", datetime.now().strftime("%Y%m%d-%H%M")
                 )
                 self.writer = SummaryWriter(self.tb_dir, max_queue=1000)
                 self._own_writer = True
@@ -308,7 +391,11 @@ class RunLogger:
             w = [g.weights.detach().float() for g in groups]
             max_w = torch.stack([g.max_weight.detach().float().reshape(()) for g in groups])
             b = torch.stack([g.b.detach().float().reshape(()) for g in groups])
-            ratio = max_w * b / c  # each group against its own bound c / b_g
+            docs = groups[0].prior is not None  # granularity = "document": bound w_d <= c pi_d
+            if docs:
+                ratio = torch.stack([g.max_ratio.detach().float().reshape(()) for g in groups]) / c
+            else:
+                ratio = max_w * b / c  # each group against its own bound c / b_g
             ess = torch.stack([1.0 / (x * x).sum().clamp(min=1e-30) for x in w])
             ent = torch.stack([-torch.where(x > 0, x * x.clamp(min=1e-30).log(), 0.0).sum() for x in w])
             top = max_w.argmax().reshape(1)  # the group holding the step's max weight
@@ -324,6 +411,10 @@ class RunLogger:
             ]
             host: dict[str, Any] = {"groups": len(groups)}
             dev_keys: list[str] = []
+            if docs:
+                parts += [ratio.max() * c, torch.stack([g.overflow_rows.float().reshape(()) for g in groups]).sum()]
+                dev_keys += ["max_weight_ratio", "overflow_rows"]
+                host["granularity"] = "document"
             if isinstance(temperature, torch.Tensor):
                 parts.append(temperature.detach().float().reshape(()))
                 dev_keys.append("temperature")
@@ -350,9 +441,13 @@ class RunLogger:
                 entry["valid"] = self._put(torch.cat([g.valid.detach().reshape(-1) for g in groups]))
                 # each sample's own group b (b·w = 1 is uniform weight within its group)
                 entry["group_b"] = self._put(torch.cat([bg.expand(x.numel()) for bg, x in zip(b, w)]))
+                if docs:  # a fragment's uniform weight is pi_d: w / pi_d = 1 is uniform
+                    pri = torch.cat([g.prior.detach().float() for g in groups])
+                    entry["scale"] = self._put(torch.where(pri > 0, 1.0 / torch.where(pri > 0, pri, 1.0), 0.0))
             if want_hist or want_samples:
                 entry["losses"] = self._put(torch.cat([g.losses.detach().reshape(-1) for g in groups]))
             entry["hist"] = want_hist
+            entry["documents"] = docs
             if provenance is not None:
                 entry["prov"] = list(provenance)
                 entry["prov_index"] = list(provenance_index) if provenance_index is not None else None
@@ -363,9 +458,68 @@ class RunLogger:
             self._ntokens += int(ntokens)
         self._pending.append(entry)
 
-    def should_flush(self, step: int) -> bool:
+    def is_log_step(self, step: int) -> bool:
+        """The one cadence rule: steps 1, every log_interval, and the last step read the device
+        statistics (on every rank: the consecutive-skip check reads its counters on these steps)."""
         last = self.total_steps is not None and step >= self.total_steps
-        return self.enabled and (self._is_every(step, self.config.log_interval) or last)
+        return self._is_every(step, self.config.log_interval) or last
+
+    def wants_samples(self, step: int) -> bool:
+        """A samples table is due at `step` (the caller then keeps the step's input tokens)."""
+        return self.enabled and self.config.top_k > 0 and self._is_every(step, self.config.samples_interval)
+
+    def should_flush(self, step: int) -> bool:
+        return self.enabled and self.is_log_step(step)
+
+    def record_step(self, rec: "StepRecord") -> None:
+        """The trainer's one call per optimizer step (device ops only); flushes on log steps."""
+        extra: dict[str, Any] = {"lr": rec.lr, "grad_norm": rec.grad_norm.detach()}
+        if rec.faults is not None:
+            extra.update(rec.faults.as_metrics())
+        extra.update(rec.scores)  # eval/<task>/<metric>: host floats, on eval steps only
+        prov = None if rec.provenance is None else self.layout.per_sample(rec.provenance)
+        self.record(
+            rec.step,
+            rec.groups,
+            temperature=rec.temperature,
+            provenance=prov,
+            provenance_index=self.layout.provenance_index(len(prov)) if prov is not None else None,
+            inputs=rec.inputs,
+            ntokens=rec.ntokens,
+            extra=extra,
+        )
+        if self.is_log_step(rec.step):
+            self.flush_and_report(rec.step)
+
+    def flush_and_report(self, step: int) -> list[dict]:
+        """Flush, warn about skipped steps, print the progress line (rank 0)."""
+        rows = self.flush(step)  # the one device->host read of the interval
+        for r in rows:
+            if r.get("skipped", 0) > 0:
+                why = (f"{int(r['nonfinite_samples'])} sample(s) with a non-finite loss"
+                       if r.get("nonfinite_samples", 0) > 0 else f"non-finite gradient norm ({r.get('grad_norm')})")
+                _log.warning(
+                    f"step {r['step']}: {why}; optimizer step skipped "
+                    f"({int(r.get('consecutive_skips', 0))} in a row, {int(r.get('skipped_steps', 0))} in the run)"
+                )
+        over = sum(int(r.get("overflow_rows", 0)) for r in rows)
+        if over:
+            _log.warning(f"steps {rows[0]['step']}-{rows[-1]['step']}: {over} row(s) held more documents than "
+                         f"reweight.max_documents_per_row; each row's tail fragments were merged into its last slot "
+                         f"and kept at their token share (overflow_rows in metrics.jsonl)")
+        if rows and self.enabled:
+            _log.info(self.progress.row_line(rows[-1]))
+        return rows
+
+    def before_checkpoint(self, _step: int) -> None:
+        """Before a checkpoint is written: the rows of every step it covers go to metrics.jsonl
+        (fsync'ed), so a hard kill after the save loses none of them."""
+        self.flush_and_report(_step)
+        self.sync()
+
+    def resumed_at(self, step: int) -> None:
+        """The console's rates count from the resumed step."""
+        self.progress = Progress(self.total_steps or 0, start=step)
 
     # ------------------------------------------------------------------ at the interval (host)
     def flush(self, step: int | None = None) -> list[dict]:
@@ -396,7 +550,8 @@ class RunLogger:
             row["bound_violations"] = int(round(row["bound_violations"]))
             self.violations_total += row["bound_violations"]
             row["bound_violations_total"] = self.violations_total
-            row["max_weight_bound"] = self.config.bound_c / row["b"] if row["b"] else float("nan")
+            row["max_weight_bound"] = (None if e.get("documents")  # per fragment: w_d <= c pi_d (max_weight_ratio)
+                                       else self.config.bound_c / row["b"] if row["b"] else float("nan"))
             for k, x in zip(e["dev_keys"], v[len(_ROW) :]):
                 row[k] = float(x)
             row.update(e["host"])
@@ -409,16 +564,18 @@ class RunLogger:
             valid = get(e["valid"]) > 0.5 if "valid" in e else None
             losses = get(e["losses"]) if "losses" in e else None
             group_b = get(e["group_b"]) if "group_b" in e else None
+            scale = get(e["scale"]) if "scale" in e else group_b  # w·scale = 1: uniform weight
             if "prov" in e:
                 idx = e["prov_index"] if e["prov_index"] is not None else range(len(e["prov"]))
                 idx = np.asarray(list(idx), dtype=np.int64)
-                row["domains"] = _domain_stats(e["prov"], idx, weights, valid, group_b)
+                stats = _domain_stats_documents if e.get("documents") else _domain_stats
+                row["domains"] = stats(e["prov"], idx, weights, valid, scale)
                 if e.get("samples"):
                     inputs = get(e["inputs"]) if "inputs" in e else None
-                    samples.append(self._samples(e["step"], e["prov"], idx, weights, valid, losses, inputs, group_b))
+                    samples.append(self._samples(e["step"], e["prov"], idx, weights, valid, losses, inputs, group_b, scale))
             self._window.append((row["max_weight"], row["bound_ratio"]))
             rows.append(row)
-            self._write_tb(row, e, weights, valid, losses)
+            self._write_tb(row, e, weights, valid, losses, scale)
         self._write_window(rows[-1]["step"])
         self._write_jsonl(rows, samples)
         if self.writer is not None:
@@ -428,12 +585,14 @@ class RunLogger:
             self.writer.flush()
         return rows
 
-    def _write_tb(self, row, e, weights, valid, losses) -> None:
+    def _write_tb(self, row, e, weights, valid, losses, scale) -> None:
         wr = self.writer
         if wr is None:
             return
         step = row["step"]
         for k, x in row.items():
+            if x is None:  # max_weight_bound under granularity = "document" (a bound per fragment)
+                continue
             if k in SCALAR_TAGS:
                 tag = SCALAR_TAGS[k]
             elif k in ("step", "b", "groups", "domains") or not isinstance(x, (int, float)) or isinstance(x, bool):
@@ -446,7 +605,10 @@ class RunLogger:
             wr.add_scalar(f"data/share/{dom}", d["share"], step)
             wr.add_scalar(f"data/weight_mass/{dom}", d["weight_mass"], step)
         if e["hist"] and weights is not None and valid.any():
-            _weight_histogram(wr, HIST_TAGS["weights"], weights[valid], row["max_weight_bound"], step)
+            if e.get("documents"):  # w_d / pi_d (1 = uniform), axis to the bound c
+                _weight_histogram(wr, HIST_TAGS["weights"], weights[valid] * scale[valid], self.config.bound_c, step)
+            else:
+                _weight_histogram(wr, HIST_TAGS["weights"], weights[valid], row["max_weight_bound"], step)
             wr.add_histogram(HIST_TAGS["losses"], losses[valid].astype(np.float64), step)
 
     def _write_window(self, step: int) -> None:
@@ -471,13 +633,16 @@ class RunLogger:
                 self._samples_fh.write(json.dumps(s) + "\n")
             self._samples_fh.flush()
 
-    def _samples(self, step, prov, idx, weights, valid, losses, inputs, group_b) -> dict:
+    def _samples(self, step, prov, idx, weights, valid, losses, inputs, group_b, scale) -> dict:
         k = self.config.top_k
         ok = np.array([valid[i] and bool(_docs(p)) for i, p in zip(idx, prov)], dtype=bool)
-        cand = np.nonzero(ok)[0]  # provenance rows with a valid sample
+        seen = int(ok.sum())  # provenance rows (or fragments) with a valid sample
+        if self.layout.fragments_per_row > 1:  # shown: single documents, not an overflow row's merged tail
+            ok &= np.array([not isinstance(p, list) for p in prov], dtype=bool)
+        cand = np.nonzero(ok)[0]
         # ranked by b·w, each sample against uniform weight in its own group (the groups' b differ
         # when a group has invalid samples)
-        cw, cl = weights[idx[cand]] * group_b[idx[cand]], losses[idx[cand]]
+        cw, cl = weights[idx[cand]] * scale[idx[cand]], losses[idx[cand]]
         bs = sorted({int(round(x)) for x in group_b[idx[cand]]})  # the b of the groups shown
         # ties (LinUpper saturates every h >= 0 at the same weight): the higher loss ranks first
         top = cand[np.lexsort((-cl, -cw))][:k]
@@ -490,15 +655,22 @@ class RunLogger:
             info = found.get(d.get("doc_id"), {})
             text = None
             if inputs is not None and self.decode is not None:
+                F = self.layout.fragments_per_row
+                tokens = inputs[r // F]
+                if F > 1:  # the fragment's own tokens in its row
+                    first = _docs(prov[r])[0]
+                    off = int(first.get("row_offset", 0))
+                    tokens = tokens[off: off + sum(int(x.get("n_tokens", 0)) for x in _docs(prov[r]))]
                 try:
-                    text = self.decode([int(t) for t in inputs[r]])
+                    text = self.decode([int(t) for t in tokens])
                 except Exception as ex:  # noqa: BLE001 - a snippet must never stop training
                     text = f"<decode failed: {ex}>"
             if text is None:
                 text = info.get("text", "")
             return {
                 "weight": float(weights[idx[r]]),
-                "weight_x_b": float(weights[idx[r]]) * float(group_b[idx[r]]),  # its own group's b
+                # b·w with its own group's b (documents: w_d / pi_d); 1 = uniform weight
+                "weight_x_b": float(weights[idx[r]]) * float(scale[idx[r]]),
                 "loss": float(losses[idx[r]]),
                 "domain": d.get("domain"),
                 "doc_id": d.get("doc_id"),
@@ -509,7 +681,7 @@ class RunLogger:
         return {
             "step": int(step),
             "b": bs[0] if len(bs) == 1 else bs,  # a list when the groups' b differ
-            "rows_seen": int(len(cand)),
+            "rows_seen": seen,
             "top": [describe(r) for r in top],
             "bottom": [describe(r) for r in bottom],
         }
@@ -597,6 +769,27 @@ def _domain_stats(prov, idx, weights, valid, group_b) -> dict[str, dict[str, flo
             "weight_mass": wsum[dom] / total_w if total_w > 0 else float("nan"),
         }
     return out
+
+
+def _domain_stats_documents(prov, idx, weights, valid, scale) -> dict[str, dict[str, float]]:
+    """granularity = "document": per domain over this rank's fragments, token-weighted: share of the
+    tokens, mean w_d/pi_d (1 = uniform, the token-mean loss), share of the total weight."""
+    tok: dict[str, float] = collections.defaultdict(float)
+    ratio: dict[str, float] = collections.defaultdict(float)
+    mass: dict[str, float] = collections.defaultdict(float)
+    for i, p in zip(idx, prov):
+        docs = _docs(p)
+        if not docs or not valid[i]:
+            continue
+        dom = str(_main_doc(p).get("domain") or "unknown")
+        n = float(sum(max(d.get("n_tokens", 1), 0) for d in docs))
+        tok[dom] += n
+        ratio[dom] += n * float(weights[i]) * float(scale[i])
+        mass[dom] += float(weights[i])
+    total_t, total_w = sum(tok.values()), sum(mass.values())
+    return {dom: {"share": tok[dom] / total_t if total_t else float("nan"),
+                  "mean_weight": ratio[dom] / tok[dom] if tok[dom] else float("nan"),
+                  "weight_mass": mass[dom] / total_w if total_w > 0 else float("nan")} for dom in sorted(tok)}
 
 
 def _snippet(text: str, n: int) -> str:

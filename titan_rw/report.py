@@ -144,6 +144,16 @@ def max_weight_steps(runs: list[Run], path: str) -> str:
     plt = _plt()
     fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False)
     for ax, run in zip(axes[0], runs):
+        rx, ratio = run.col("max_weight_ratio")
+        if ratio:  # granularity = "document": max_d w_d/π_d against its bound 2 (1 = uniform)
+            ax.plot(rx, ratio, color="#4C72B0", linewidth=1, label="max w/π (document)")
+            ax.axhline(2.0, color="#C44E52", linestyle="--", linewidth=1.5, label="bound 2")
+            ax.axhline(1.0, color="gray", linestyle=":", linewidth=1, label="1 (uniform)")
+            ax.set_xlabel("step")
+            ax.set_ylabel("max weight / token share")
+            ax.set_title(run.label, fontsize=10)
+            ax.legend(fontsize=8)
+            continue
         xs, mw = run.col("max_weight")
         bx, bs = run.col("max_weight_bound")
         ax.plot(xs, mw, color="#4C72B0", linewidth=1, label="max weight")

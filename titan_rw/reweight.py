@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -148,13 +149,15 @@ def _cap_weights_prior(log_w: torch.Tensor, cap: float, valid: torch.Tensor, log
     key = torch.where(valid, log_w - lp, neg)  # log(w_i / pi_i): the saturation order
     _, order = torch.sort(key, descending=True)  # invalid last
     lws, lus = log_w.gather(0, order), log_u.gather(0, order)
-    pis = torch.exp(lp.gather(0, order))
     k = torch.arange(n, device=log_w.device)
     log_rest = torch.logcumsumexp(lws.flip(0), 0).flip(0)  # log(w_(k) + w_(k+1) + ...)
-    pinned_left = 1.0 - cap * (torch.cumsum(pis, 0) - pis)  # 1 - cap * (pi_(0) + ... + pi_(k-1))
+    # 1 - cap * (pi_(0) + ... + pi_(k-1)) = cap * (pi_(k) + pi_(k+1) + ...) - (cap - 1): from the
+    # suffix sum, so that a tail of tiny priors keeps its precision (exact for cap = 1, where w = pi).
+    rest_pi = torch.exp(torch.logcumsumexp(lp.gather(0, order).flip(0), 0).flip(0))
+    pinned_left = cap * rest_pi - (cap - 1.0)
     log_left = torch.log(pinned_left.clamp(min=torch.finfo(log_w.dtype).tiny))
     fits = (log_left + (lws - log_rest) <= lus + 1e-6) & (pinned_left > 0) & (k < n_valid)
-    # First k that fits; k = b - 1 always does up to rounding (lambda w_(b-1) = 1 - cap (1 - pi_(b-1))).
+    # First k that fits; k = b - 1 always does up to rounding (lambda w_(b-1) = cap pi_(b-1) - (cap - 1)).
     first = torch.where(fits.any(), fits.to(torch.int8).argmax(), (n_valid - 1).clamp(min=0)).reshape(1)
     log_wi = log_left.gather(0, first) + (log_w - log_rest.gather(0, first))  # log(lambda w_i)
     w = torch.where(valid, torch.exp(torch.minimum(log_wi, log_u)), 0.0)
@@ -282,3 +285,80 @@ class TemperatureSchedule:
     def load_state_dict(self, state: dict) -> None:
         # The configured shape wins (a user may change the target on resume); the step resumes.
         self.last_step = int(state["last_step"])
+
+
+# Slots per row (config key reweight.max_documents_per_row): a row with more fragments merges its tail into
+# the last slot, which is then a "merged" slot and keeps its token share. An 8192-token row overflows
+# 64 slots only when its documents average under 128 tokens; [B, 64] per-row slots cost nothing.
+DEFAULT_MAX_DOCUMENTS = 64
+
+# Fragments with fewer valid tokens than this keep their token share (config key
+# reweight.min_document_tokens). Why 32:
+# - Noise. f_d is a mean over n_d tokens, standard error ~ sigma_token / sqrt(n_d), and per-token NLL
+#   is broad (sigma_token of the order of 2-3 nats in LM pretraining; an assumption, not measured
+#   here): ~0.5 sigma_token at n = 4, ~0.18 sigma_token at n = 32, ~0.09 at n = 128. Below ~32 the
+#   noise is as large as the spread of document losses the strategies rank, and min-max
+#   normalization (Alg. 1 line 5) lets one noisy extreme squash every other h.
+# - Cost. A row has at most two fragments that are short only because the row cuts them (the
+#   continuation at its start, the document cut at its end): at most 2 * 31 tokens, <= 0.8% of an
+#   8192-token row (3% of 2048). Other short fragments are genuinely tiny documents, few tokens in
+#   all. Keeping these at their token share (plain training) loses little of the reweighting.
+# Raise it to rank only longer documents; 0 or 1 ranks every non-empty fragment.
+DEFAULT_MIN_DOCUMENT_TOKENS = 32
+
+
+@dataclass(kw_only=True, slots=True)
+class ReweightConfig:
+    """`[reweight]`: the weights of Algorithm 1 (docs/design.md §2)."""
+
+    strategy: str = "linupper"
+    """One of uniform, linupper, quadratic, extremes, dro_kl (docs/design.md §2)."""
+    temperature: float = 1.0
+    """Target temperature r (paper: 1.0 for 1.4B, 2.0 for 7B)."""
+    warmup_temperature: float = 100.0
+    """Temperature during the warm-up steps (Appendix A.2: r = 100)."""
+    warmup_steps: int = 0
+    """Steps at warmup_temperature before the target."""
+    anneal: Literal["constant", "linear", "cosine"] = "constant"
+    """How the temperature goes from warmup_temperature to temperature after the warm-up."""
+    anneal_steps: int = 0
+    """Length of a linear/cosine anneal."""
+    cap: float | None = None
+    """Cap c ≥ 1: project weights onto w_i ≤ c/b (c = 2 guarantees Theorem 1's precondition)."""
+    scope: Literal["microbatch", "global_batch"] = "microbatch"
+    """Reweighting group under gradient accumulation (titan_rw.trainer's docstring: the cost)."""
+    loss_chunks: int = 8
+    """Chunks of the output projection in the per-sample loss (memory vs launch overhead)."""
+    granularity: Literal["row", "document"] = "row"
+    """What a sample is: a packed row (the paper), or each document fragment inside a row
+    (titan_rw.documents: w_d ∝ π_d e^{s_d/r}, π_d = the fragment's token share, so `uniform` is the
+    plain token-mean loss; the bound is w_d ≤ 2 π_d; docs/design.md §2)."""
+    min_document_tokens: int = DEFAULT_MIN_DOCUMENT_TOKENS
+    """granularity = "document": fragments with fewer valid tokens keep their token share π_d
+    (their mean loss is too noisy to rank); 0 ranks every fragment."""
+    max_documents_per_row: int = DEFAULT_MAX_DOCUMENTS
+    """granularity = "document": fragment slots per row; a row with more fragments merges its tail
+    into the last slot (kept at its token share; counted as `overflow_rows` in metrics.jsonl)."""
+
+    def validate(self) -> None:
+        _check_strategy(self.strategy)
+        if self.granularity not in ("row", "document"):
+            raise ValueError(f"reweight.granularity must be 'row' or 'document', got {self.granularity!r}")
+        if self.min_document_tokens < 0:
+            raise ValueError(f"reweight.min_document_tokens must be >= 0, got {self.min_document_tokens}")
+        if self.max_documents_per_row < 1:
+            raise ValueError(f"reweight.max_documents_per_row must be >= 1, got {self.max_documents_per_row}")
+        if self.cap is not None and not self.cap >= 1:
+            raise ValueError(f"reweight.cap must be >= 1 (or unset), got {self.cap}")
+        if self.loss_chunks < 1:
+            raise ValueError(f"reweight.loss_chunks must be >= 1, got {self.loss_chunks}")
+        self.schedule()  # validates temperatures / anneal
+
+    def schedule(self) -> TemperatureSchedule:
+        return TemperatureSchedule(
+            target=self.temperature,
+            warmup_value=self.warmup_temperature,
+            warmup_steps=self.warmup_steps,
+            anneal=self.anneal,
+            anneal_steps=self.anneal_steps,
+        )

@@ -157,7 +157,8 @@ def run(config) -> int:
 
     from titan_rw import compat
     from titan_rw.checkpointing import CheckpointSaveError, ResumeError
-    from titan_rw.trainer import TrainingStopped
+    from titan_rw.config import save_run_config
+    from titan_rw.faults import TrainingStopped
 
     init_logger()
     from titan_rw.progress import quiet_console
@@ -176,9 +177,12 @@ def run(config) -> int:
             if not config.checkpoint.enable:
                 raise ValueError("checkpoint.create_seed_checkpoint needs checkpoint.enable = true")
             trainer.checkpointer.save(curr_step=0, last_step=True)
-            trainer._save_run_config()
+            save_run_config(config.dump_folder, config.run_values)
             logger.info("Created seed checkpoint (step-0): runs in this folder start from it")
         else:
+            trainer.resume()
+            if trainer.rank == 0:  # after the resume check: a refused config never replaces the run's
+                save_run_config(config.dump_folder, config.run_values)
             trainer.train()
             try:
                 _print_summary(trainer, config)

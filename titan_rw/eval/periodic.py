@@ -15,7 +15,40 @@ The model keeps its `_skip_lm_head` setting and its train/eval mode; no gradient
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
+
+
+@dataclass(kw_only=True, slots=True)
+class PeriodicEvalConfig:
+    """`[periodic_eval]`: lm-eval tasks on the model being trained, every `interval` steps (off: 0).
+
+    Every rank runs the same requests (FSDP gathers the weights in the forward); rank 0 logs the
+    scores as `eval/<task>/<metric>` in metrics.jsonl and TensorBoard. Offline: the default task is
+    one of the two shipped with titan_rw (titan_rw/eval/tasks), so nothing is downloaded."""
+
+    interval: int = 0
+    """Steps between evaluations; 0: never."""
+    tasks: list[str] = field(default_factory=lambda: ["titan_rw_local_ppl"])
+    """lm-eval task names or titan_rw presets (local, paper, ...)."""
+    limit: int = 16
+    """Examples per task (0: all)."""
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        for key, low, what in (("interval", 0, "0: never"), ("limit", 0, "0: all examples"), ("batch_size", 1, "")):
+            v = getattr(self, key)
+            if v < low:
+                raise ValueError(f"periodic_eval.{key} = {v} is not allowed: it must be >= {low}" + (f" ({what})" if what else ""))
+        if self.interval and not self.tasks:
+            raise ValueError("periodic_eval.tasks is empty while periodic_eval.interval > 0")
+
+    def scores(self, step: int, model, tokenizer, *, max_length: int) -> dict[str, float]:
+        """The scores of the model at `step` when an evaluation is due ({} otherwise). Every rank."""
+        if not self.interval or step % self.interval != 0:
+            return {}
+        return evaluate_model(model, tokenizer, list(self.tasks), self.limit or None,
+                              max_length=max_length, batch_size=self.batch_size)
 
 
 def evaluate_model(model, tokenizer, tasks: str | list[str] = "local", limit: int | float | None = None, *,
