@@ -117,10 +117,17 @@ def cap_weights(
     k = torch.arange(n, device=log_w.device)
     log_rest = torch.logcumsumexp(lws.flip(0), 0).flip(0)  # log(w_(k) + w_(k+1) + ...)
     pinned_left = 1.0 - k.to(log_w.dtype) * torch.exp(log_u)  # mass left for the unpinned
+    # k = b - 1 always fits up to rounding (then every weight is u = 1/b)
+    return _pin_the_first_that_fits(log_w, valid, lws, log_rest, pinned_left, log_u, log_u, k, n_valid)
+
+
+def _pin_the_first_that_fits(log_w, valid, lws, log_rest, pinned_left, log_u_sorted, log_u, k, n_valid):
+    """The scan shared by both caps: with the samples sorted in saturation order (lws, their bounds
+    log_u_sorted), pinning the first k leaves `pinned_left` for the rest, so lambda_k =
+    pinned_left / (w_(k) + ...); the answer is the first k with lambda_k w_(k) <= u_(k)."""
     log_left = torch.log(pinned_left.clamp(min=torch.finfo(log_w.dtype).tiny))
-    # lambda_k w_(k) <= u, written with differences of logs so huge |log w| keep their precision
-    fits = (log_left + (lws - log_rest) <= log_u + 1e-6) & (pinned_left > 0) & (k < n_valid)
-    # First k that fits; k = b - 1 always does up to rounding (then every weight is u = 1/b).
+    # lambda_k w_(k) <= u_(k), written with differences of logs so huge |log w| keep their precision
+    fits = (log_left + (lws - log_rest) <= log_u_sorted + 1e-6) & (pinned_left > 0) & (k < n_valid)
     first = torch.where(fits.any(), fits.to(torch.int8).argmax(), (n_valid - 1).clamp(min=0)).reshape(1)
     log_wi = log_left.gather(0, first) + (log_w - log_rest.gather(0, first))  # log(lambda w_i)
     w = torch.where(valid, torch.exp(torch.minimum(log_wi, log_u)), 0.0)
@@ -155,13 +162,8 @@ def _cap_weights_prior(log_w: torch.Tensor, cap: float, valid: torch.Tensor, log
     # suffix sum, so that a tail of tiny priors keeps its precision (exact for cap = 1, where w = pi).
     rest_pi = torch.exp(torch.logcumsumexp(lp.gather(0, order).flip(0), 0).flip(0))
     pinned_left = cap * rest_pi - (cap - 1.0)
-    log_left = torch.log(pinned_left.clamp(min=torch.finfo(log_w.dtype).tiny))
-    fits = (log_left + (lws - log_rest) <= lus + 1e-6) & (pinned_left > 0) & (k < n_valid)
-    # First k that fits; k = b - 1 always does up to rounding (lambda w_(b-1) = cap pi_(b-1) - (cap - 1)).
-    first = torch.where(fits.any(), fits.to(torch.int8).argmax(), (n_valid - 1).clamp(min=0)).reshape(1)
-    log_wi = log_left.gather(0, first) + (log_w - log_rest.gather(0, first))  # log(lambda w_i)
-    w = torch.where(valid, torch.exp(torch.minimum(log_wi, log_u)), 0.0)
-    return w / w.sum().clamp(min=torch.finfo(w.dtype).tiny)
+    # k = b - 1 always fits up to rounding (lambda w_(b-1) = cap pi_(b-1) - (cap - 1))
+    return _pin_the_first_that_fits(log_w, valid, lws, log_rest, pinned_left, lus, log_u, k, n_valid)
 
 
 def sample_weights(
