@@ -25,6 +25,8 @@ import sys
 
 import pytest
 
+from test_resume import _env  # the trainer subprocess's environment (one definition)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
@@ -35,15 +37,6 @@ COMMON = [
     "--logging.log_interval", "3", "--reweight.warmup_steps", "2", "--lr_scheduler.warmup_steps", "2",
     "--checkpoint.interval", "1", "--checkpoint.keep_latest_k", "2", "--metrics.enable_tensorboard", "false",
 ]
-
-
-def _env(tmp):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tmp, "inductor")
-    env["OMP_NUM_THREADS"] = "1"
-    env.pop("TORCHELASTIC_RESTART_COUNT", None)
-    return env
 
 
 def _run(tmp, folder, *extra, expect=0, prefix=(), timeout=300):
