@@ -1,8 +1,10 @@
 """Unit checks of titan_rw.faults / titan_rw.fault_injection that the end-to-end runs of
 test_resume.py and test_observability.py don't isolate: when the [fault_injection] section counts
-as used, the [fault] checks' messages, and NonFiniteSkipOptimizers' counters and skipped updates
-against a plain optimizer stepped only on the good steps."""
+as used, the [fault] checks' messages, the rows audit's weights (kept on device until its flush),
+and NonFiniteSkipOptimizers' counters and skipped updates against a plain optimizer stepped only
+on the good steps."""
 
+import json
 from dataclasses import fields
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 from torchtitan.components.optimizer.optimizer import ParamGroupConfig
 
 from titan_rw.fault_injection import KNOBS, FaultInjection
-from titan_rw.faults import NonFiniteSkipOptimizers, StopGuard
+from titan_rw.faults import NonFiniteSkipOptimizers, RowAudit, StopGuard
 
 
 def test_fault_injection_used_by_any_knob():
@@ -19,11 +21,31 @@ def test_fault_injection_used_by_any_knob():
     assert not C().used()
     assert set(KNOBS) == {f.name for f in fields(C)}
     changed = {"nan_loss_steps": [2], "nan_grad_steps": [3], "rank": 1, "kill_at_step": 3, "kill_rank": 0,
-               "signal_at_step": 4}
+               "hang_at_step": 2, "signal_at_step": 4}
     assert set(changed) == set(KNOBS)  # every knob is tried below
     for k, v in changed.items():
         assert C(**{k: v}).used(), k
     assert not C(nan_loss_steps=[], kill_at_step=0, kill_rank=-1).used()  # set to the defaults
+
+
+def test_row_audit_writes_each_steps_weights_at_the_flush(tmp_path):
+    """fault.audit_rows: the weights stay on device until flush (log steps, before a checkpoint,
+    close), then every pending step gets its own line, with its own weights, float32 exactly."""
+    audit = RowAudit(str(tmp_path), rank=3)
+    w1 = torch.tensor([0.1, 0.2], dtype=torch.float32)
+    w2 = torch.tensor([1 / 3, 2 / 3, 1e-7], dtype=torch.float32)
+    audit.record(1, 3, [["a", 0, 6], ["a", 0, 7]], w1)
+    audit.record(2, 3, [["a", 0, 14], None, ["b", 1, 2]], w2)
+    path = tmp_path / "audit" / "rank3.jsonl"
+    assert path.read_text() == ""  # nothing read or written before the flush
+    audit.flush()
+    audit.record(3, 3, [["a", 0, 22]], torch.tensor([0.5]))
+    audit.close()  # flushes step 3
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3] and {x["dp_rank"] for x in lines} == {3}
+    assert lines[1]["rows"] == [["a", 0, 14], None, ["b", 1, 2]]
+    for line, w in zip(lines, (w1, w2, torch.tensor([0.5]))):
+        assert torch.equal(torch.tensor(line["weights"], dtype=torch.float32), w)
 
 
 @pytest.mark.parametrize("kw,needle", [

@@ -1,8 +1,8 @@
 """Fault injection for the tests (`[fault_injection]`): real faults on the real code paths.
 
-A non-finite activation inside the model, a NaN gradient, a real signal mid-step or a SIGKILL
-after a step. Off by default; the resolved run config (config.json) lists the section only when
-one of its knobs is set. The trainer calls the four hooks below; with every knob off they do
+A non-finite activation inside the model, a NaN gradient, a real signal mid-step, a SIGKILL
+after a step, or a rank that hangs after a step (a host lost mid-run). Off by default; the
+resolved run config (config.json) lists the section only when one of its knobs is set. The trainer calls the four hooks below; with every knob off they do
 nothing (and no forward hook is registered).
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -33,8 +34,11 @@ class FaultInjection:
         kill_at_step: int = 0
         """SIGKILL this process after this step (and its checkpoint, if one is due), in the first
         attempt only (TORCHELASTIC_RESTART_COUNT unset or 0); 0: off."""
+        hang_at_step: int = 0
+        """After this step (and its checkpoint, if one is due) this process stops making progress:
+        it sleeps until killed, as a host that hangs or dies (first attempt only); 0: off."""
         kill_rank: int = -1
-        """The global rank kill_at_step / signal_at_step act on; -1: every rank."""
+        """The global rank kill_at_step / hang_at_step / signal_at_step act on; -1: every rank."""
         signal_at_step: int = 0
         """Send SIGUSR1 to this process during this step (first attempt only); 0: off."""
 
@@ -87,6 +91,12 @@ class FaultInjection:
                 return
 
     def after_step(self, step: int) -> None:
+        if self.config.hang_at_step == step and self._rank_matches() and first_attempt():
+            logger.warning(f"TESTING fault_injection.hang_at_step: rank {self.rank} stops after step {step}")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            while True:
+                time.sleep(3600)
         if self.config.kill_at_step == step and self._rank_matches() and first_attempt():
             logger.warning(f"TESTING fault_injection.kill_at_step: SIGKILL of rank {self.rank} after step {step}")
             sys.stdout.flush()

@@ -130,7 +130,8 @@ class StopGuard:
         RequeueExit can match; 0 makes it look like a finished run."""
         audit_rows: bool = False
         """Every rank appends the rows it was served, per step, to <dump_folder>/audit/rank<N>.jsonl
-        (dataset, epoch, row per sample): proof that a resumed run neither repeats nor skips data."""
+        (dataset, epoch, row per sample) with the weight its loss gave each sample: proof that a
+        resumed run neither repeats nor skips data, and of which weights each rank applied."""
 
         def validate(self) -> None:
             if self.max_consecutive_skips < 0:
@@ -211,21 +212,46 @@ class StopGuard:
 
 
 class RowAudit:
-    """`fault.audit_rows`: this rank's served rows, one JSON line per step, in
-    <dump_folder>/audit/rank<N>.jsonl (dataset, epoch, row per sample)."""
+    """`fault.audit_rows`: this rank's served rows and the weight its loss gave each of its samples,
+    one JSON line per step, in <dump_folder>/audit/rank<N>.jsonl:
+    {"step", "dp_rank", "rows": [[dataset, epoch, row], ...], "weights": [w, ...]} (weights: one per
+    sample, micro-batch then row; a row's fragment slots under granularity = "document").
+
+    The weights stay on device: `record` keeps references, `flush` (the trainer calls it on log
+    steps, before a checkpoint and at close) moves the pending ones to the host in one transfer and
+    writes the lines, so the audit adds no host read to a step and a checkpoint's steps are on disk
+    before it is complete."""
 
     def __init__(self, dump_folder: str, rank: int):
         d = os.path.join(dump_folder, "audit")
         os.makedirs(d, exist_ok=True)
         self._fh = open(os.path.join(d, f"rank{rank}.jsonl"), "a")
+        self._pending: list[tuple[int, int, list, torch.Tensor | None]] = []
 
     @staticmethod
     def rows(provenance: list) -> list:
         return [[p[0].get("dataset"), p[0].get("epoch"), p[0].get("row")] if p else None for p in provenance]
 
-    def write(self, step: int, dp_rank: int, rows: list) -> None:
-        self._fh.write(json.dumps({"step": step, "dp_rank": dp_rank, "rows": rows}) + "\n")
+    def record(self, step: int, dp_rank: int, rows: list, weights: torch.Tensor | None = None) -> None:
+        self._pending.append((step, dp_rank, rows, None if weights is None else weights.detach().reshape(-1)))
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        dev = [w.float() for *_, w in pending if w is not None]
+        flat = torch.cat(dev).cpu().tolist() if dev else []  # the one read of the interval
+        off = 0
+        for step, dp_rank, rows, w in pending:
+            line: dict[str, Any] = {"step": step, "dp_rank": dp_rank, "rows": rows}
+            if w is not None:
+                line["weights"] = flat[off:off + w.numel()]
+                off += w.numel()
+            self._fh.write(json.dumps(line) + "\n")
         self._fh.flush()
 
     def close(self) -> None:
-        self._fh.close()
+        try:
+            self.flush()
+        finally:
+            self._fh.close()

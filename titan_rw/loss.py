@@ -152,6 +152,7 @@ class WeightStats:
     prior: torch.Tensor | None = None  # [b] each fragment's uniform weight pi_d = n_d / N
     max_ratio: torch.Tensor | None = None  # max_d w_d / pi_d (bound: c; for rows it is b * max w)
     overflow_rows: torch.Tensor | None = None  # rows with more fragments than slots (tail merged)
+    rank_weights: torch.Tensor | None = None  # [k·n] this rank's slice (micro-batch, then sample): what its loss uses
 
     @classmethod
     def of(cls, losses: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor) -> "WeightStats":
@@ -223,7 +224,9 @@ def group_weights(
         w, prior = document_weights(f_all, n_all, strategy, temperature, cap=cap,
                                     min_tokens=min_document_tokens, merged=merged_all)
         stats = WeightStats.of_documents(f_all, w, ok_all, prior, merged_all)
-    return w.view(k, dp_size, n)[:, dp_rank], stats
+    mine = w.view(k, dp_size, n)[:, dp_rank]
+    stats.rank_weights = mine.reshape(-1)  # for the rows audit (fault.audit_rows)
+    return mine, stats
 
 
 def weighted_sum(weights: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:

@@ -189,7 +189,7 @@ class ReweightTrainer(Trainer):
         self._resumed = False  # resume() ran (train.py calls it before saving the run config)
         if hasattr(self.checkpointer, "before_save"):  # ResumableCheckpointManager: docs/resuming.md
             self.checkpointer.run_values = config.run_values  # checked against the checkpoint's on resume
-            self.checkpointer.before_save = self.run_logger.before_checkpoint
+            self.checkpointer.before_save = self._before_checkpoint
         if config.model_spec is not None and config.model_spec.flavor in FLAVORS:
             logger.info(describe(config.model_spec.flavor))
         logger.info(
@@ -309,8 +309,9 @@ class ReweightTrainer(Trainer):
         for input_dict, labels in microbatches:
             self.forward_backward_step(input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens)
         del microbatches
-        if self.audit is not None:
-            self.audit.write(self.step, self.dp_rank, RowAudit.rows(provenance))
+        if self.audit is not None:  # the weights this rank's loss used, read at the next flush
+            self.audit.record(self.step, self.dp_rank, RowAudit.rows(provenance),
+                              torch.cat([g.rank_weights for g in self._groups]))
         self.injector.after_backward(self.step, self.model_parts)
 
         grad_norm = dist_utils.clip_grad_norm_(
@@ -339,6 +340,14 @@ class ReweightTrainer(Trainer):
             faults=FaultCounters(self._nonfinite_now, o.skipped_now, o.skipped_total, o.consecutive),
             provenance=provenance if self._want_provenance else None, inputs=sample_inputs,
         ))
+        if self.audit is not None and self.run_logger.is_log_step(self.step):
+            self.audit.flush()
+
+    def _before_checkpoint(self, step: int) -> None:
+        """Every step the checkpoint covers has its metrics row (rank 0) and audit lines on disk."""
+        self.run_logger.before_checkpoint(step)
+        if self.audit is not None:
+            self.audit.flush()
 
     # ------------------------------------------------------------------ the loop
     def resume(self) -> int:
