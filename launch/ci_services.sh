@@ -11,6 +11,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 missing=()
 command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)  # tests/test_two_hosts.py: ip netns, veth
 [ -x /usr/bin/chromium ] || missing+=(chromium fonts-dejavu-core)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[ci_services] installing ${missing[*]} (apt)"
