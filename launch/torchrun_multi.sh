@@ -9,6 +9,8 @@
 #   MASTER_PORT             rendezvous port on node 0 (default 29500)
 #   NPROC_PER_NODE          ranks per node (default: GPUs on this node, else 1)
 #   VENV, TRAIN_SCRIPT      as in torchrun_single.sh
+#   GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME  the interface that reaches the other nodes, where a
+#                           node has several (tests/test_two_hosts.py sets the gloo one per node)
 # The run folder (--job.dump_folder / the config's) must be on storage all nodes share, so that
 # DCP checkpoints are complete and a restart of all nodes resumes from them.
 set -euo pipefail
