@@ -278,7 +278,7 @@ def test_ranks_of_the_second_host_apply_the_one_host_weights(runs):
 def test_losing_a_host_ends_the_other_and_both_resume(runs):
     assert runs["rows_before_kill"] == list(range(1, HANG_STEP + 1)), runs["rows_before_kill"]
     assert runs["node0_code"] != 0, runs["node0_log_a"][-3000:]  # a failure, not a finished run
-    assert runs["node0_exit_s"] < HANG_BOUND_S
+    # (node 0 exiting within HANG_BOUND_S of the kill is enforced by the fixture: a hang fails there)
     assert "Training completed" not in runs["node0_log_a"]
     log = runs["node0_log_b"]
     assert f"resumed from the checkpoint of step {HANG_STEP}" in log, log[-4000:]
