@@ -2,8 +2,9 @@
 
 A non-finite activation inside the model, a NaN gradient, a real signal mid-step, a SIGKILL
 after a step, or a rank that hangs after a step (a host lost mid-run). Off by default; the
-resolved run config (config.json) lists the section only when one of its knobs is set. The trainer calls the four hooks below; with every knob off they do
-nothing (and no forward hook is registered).
+resolved run config (config.json) lists the section only when one of its knobs is set. The
+trainer calls the four hooks below; with every knob off they do nothing (and no forward hook is
+registered).
 """
 
 from __future__ import annotations
