@@ -11,7 +11,7 @@
 #
 #   benchmarks/gpu_check.sh [OUT_DIR] [--section.key value ...]
 #
-# Needs: Python with a CUDA torch 2.11-2.13, the repo, and titan_rw's imports. On a machine without
+# Needs: Python with a CUDA torch 2.11-2.15 (pyproject.toml's range), the repo, and titan_rw's imports. On a machine without
 # network whose Python has torch but not TorchTitan &c.: carry the folder benchmarks/gpu_wheelhouse.sh
 # made (WHEELHOUSE, default .gpu_wheelhouse) and this script installs from it what the imports lack
 # (pip --no-index --no-deps --target SITE, default .gpu_site, put on PYTHONPATH); never torch.
@@ -53,21 +53,19 @@ WHEELHOUSE="${WHEELHOUSE:-$ROOT/.gpu_wheelhouse}"
 SITE="${SITE:-$ROOT/.gpu_site}"
 ALLOW_CPU="${ALLOW_CPU:-0}"
 
-# torch: present, in the tested range, with CUDA (one line when not)
-if ! "$PYTHON" - "$ALLOW_CPU" <<'EOF'
+# torch: present, in pyproject.toml's range (launch/torch_range.py), with CUDA (one line when not)
+if ! "$PYTHON" - "$ALLOW_CPU" "$ROOT" <<'EOF'
 import sys
+sys.path.insert(0, sys.argv[2] + "/launch")
+from torch_range import declared, inside
 try:
     import torch
 except Exception as e:  # noqa: BLE001
     sys.exit(f"gpu_check: unusable torch: {sys.executable} cannot import torch ({type(e).__name__}: {e}); "
-             "install a CUDA torch 2.11-2.13 first (it cannot travel in the wheelhouse)")
-v = torch.__version__.split("+")[0].split(".")
-try:
-    ok = (2, 11) <= (int(v[0]), int(v[1])) < (2, 14)
-except (ValueError, IndexError):
-    ok = False
-if not ok:
-    sys.exit(f"gpu_check: unusable torch: {torch.__version__} is outside the range titan_rw is tested on (2.11-2.13)")
+             f"install a CUDA torch{declared()} first (it cannot travel in the wheelhouse)")
+if not inside(torch.__version__):
+    sys.exit(f"gpu_check: unusable torch: {torch.__version__} is outside the range titan_rw supports "
+             f"(torch{declared()}, pyproject.toml)")
 if sys.argv[1] != "1" and not torch.cuda.is_available():
     sys.exit(f"gpu_check: unusable torch: {torch.__version__} sees no CUDA device (built for CUDA "
              f"{torch.version.cuda}); set ALLOW_CPU=1 only to test this script's plumbing")

@@ -135,6 +135,25 @@ def test_gpu_check_refuses_an_unusable_torch(tmp_path):
         assert line.startswith("gpu_check: unusable torch:") and "sees no CUDA device" in line, line
 
 
+def test_gpu_check_takes_pyprojects_torch_range(tmp_path):
+    """A stub `torch` (only its version and no CUDA) first on PYTHONPATH: 2.11.0 and 2.15.0 pass the
+    range check (refused next, for the missing CUDA device), 2.10.0 and 2.16.0 are outside the range."""
+    stub = tmp_path / "stub" / "torch"
+    stub.mkdir(parents=True)
+    for version, inside in (("2.11.0", True), ("2.15.0+cu130", True), ("2.10.0", False), ("2.16.0", False)):
+        (stub / "__init__.py").write_text(
+            "import types\n"
+            f"__version__ = {version!r}\n"
+            "cuda = types.SimpleNamespace(is_available=lambda: False)\n"
+            "version = types.SimpleNamespace(cuda='13.0')\n")
+        line = _gpu_check_fails(tmp_path, ALLOW_CPU="0", PYTHONPATH=str(tmp_path / "stub"))
+        assert line.startswith(f"gpu_check: unusable torch: {version} "), line
+        if inside:
+            assert "sees no CUDA device" in line, line
+        else:
+            assert "is outside the range titan_rw supports (torch>=2.11.0,<2.16, pyproject.toml)" in line, line
+
+
 def torch_has_cuda() -> bool:
     import torch
 

@@ -1,9 +1,9 @@
 """torch 2.11 (issue 12 §4): the compat shims that let TorchTitan 0.3.0 run on it, and a smoke run on
 a real torch 2.11.0 environment checked against this one (torch 2.13).
 
-The second environment is made by `launch/setup_torch211.sh` (CI: `.ci/run`) and found through
+The second environment is made by `launch/setup_torch_env.sh 2.11.0` (CI: `.ci/run`) and found through
 TITAN_RW_TORCH211_PYTHON (default: `.venv-torch211/bin/python` in the repo). Without it the tests that
-need it skip and say why; with TITAN_RW_REQUIRE_TORCH211=1 (CI) they fail instead.
+need it skip and say why; with TITAN_RW_REQUIRE_TORCH211=1 (CI) they fail instead (tests/torch_envs.py).
 
 - The shims' logic, here: `trunc_normal_2_13` draws bitwise what this torch's `trunc_normal_` draws
   (both of its sampling branches); the `create_block_mask` wrapper drops torch 2.13's keywords at
@@ -14,63 +14,28 @@ need it skip and say why; with TITAN_RW_REQUIRE_TORCH211=1 (CI) they fail instea
 - Training (tiny model, 4 steps, checkpoint every 2): 1 process, and 2 gloo ranks SIGKILLed after
   step 3 then resumed from step 2 on torch 2.11, have the per-step losses, weights and gradient norms
   of the same runs on torch 2.13, bit for bit (the init backport is on).
+- `make setup VENV=<the torch 2.11 environment>` (launch/setup.sh) keeps torch 2.11.0: the same
+  distribution, not reinstalled (issue 21 §2; in this file, so no other test uses that environment
+  while pip runs in it).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 from titan_rw import compat
+from torch_envs import other_python, py_json, train_equals_this_torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_PY = os.path.join(ROOT, ".venv-torch211", "bin", "python")
-
-
-def _python211() -> str:
-    py = os.environ.get("TITAN_RW_TORCH211_PYTHON") or DEFAULT_PY
-    reason = None
-    if not os.access(py, os.X_OK):
-        reason = (f"no torch 2.11 environment at {py}: run `bash launch/setup_torch211.sh` "
-                  "(or set TITAN_RW_TORCH211_PYTHON)")
-    else:
-        p = subprocess.run([py, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True,
-                           timeout=300)
-        if p.returncode != 0 or not p.stdout.startswith("2.11."):
-            reason = f"{py} is not a torch 2.11 python: {(p.stdout + p.stderr).strip()[-300:]}"
-    if reason:
-        if os.environ.get("TITAN_RW_REQUIRE_TORCH211") == "1":
-            pytest.fail(reason + " (TITAN_RW_REQUIRE_TORCH211=1)")
-        pytest.skip(reason)
-    return py
 
 
 @pytest.fixture(scope="module")
 def py211() -> str:
-    return _python211()
-
-
-def _env(tmp) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(str(tmp), "inductor")
-    env["OMP_NUM_THREADS"] = "1"  # torch 2.11's CPU run is ~10x slower with 2 OpenMP threads on 2 cores
-    env.pop("TORCHELASTIC_RESTART_COUNT", None)
-    env.pop("TITAN_RW_TRUNC_NORMAL_2_13", None)
-    return env
-
-
-def _py_json(python: str, code: str, tmp) -> dict:
-    p = subprocess.run([python, "-c", textwrap.dedent(code)], cwd=ROOT, env=_env(tmp), capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 0, f"{python} exited {p.returncode}\n{p.stderr[-4000:]}"
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return other_python("2.11")
 
 
 # ------------------------------------------------------------------- the shims' logic, on this torch
@@ -156,7 +121,7 @@ def test_shims_on_torch211(py211, tmp_path):
     """On torch 2.11: TorchTitan imports; the three shims are applied and logged; the stand-in
     refuses to be built; TorchTitan's FlexAttention document mask (the GPU default), built through
     the wrapper, equals this torch's block for block; one seed gives this torch's initial weights."""
-    r = _py_json(py211, _MASK_CODE + """
+    r = py_json(py211, _MASK_CODE + """
 import json, torch, titan_rw
 import torch.distributed.fsdp as fsdp
 import torchtitan.trainer, titan_rw.train  # TorchTitan imports at all
@@ -201,64 +166,31 @@ print(json.dumps(dict(applied=list(titan_rw.compat.applied_patches()), refused=r
 
 
 # ------------------------------------------------------------------------------------ training smoke
-STEPS = 4
-COMMON = [
-    "--config", "train_configs/debug_cpu.toml", "--model.flavor", "tiny", "--training.steps", str(STEPS),
-    "--training.seq_len", "32", "--training.local_batch_size", "8", "--training.global_batch_size", "16",
-    "--logging.log_interval", "1", "--reweight.warmup_steps", "1", "--lr_scheduler.warmup_steps", "2",
-    "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "0",
-    "--metrics.enable_tensorboard", "false", "--job.deterministic", "true",
-]
-KEYS = ("loss", "weighted_loss", "max_weight", "grad_norm", "lr", "temperature", "ess")
+@pytest.mark.slow
+def test_train_on_torch211_equals_torch213(py211, tmp_path):
+    log = train_equals_this_torch(py211, tmp_path, "t211")
+    assert "torch 2.11.0" in log and "trunc_normal_2_13" in log
 
 
-def _train_cmd(python, folder, nproc, *extra):
-    launch = [python, "-m", "titan_rw.train"] if nproc == 1 else [
-        python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "titan_rw.train"]
-    return [*launch, *COMMON, "--job.dump_folder", folder, *extra]
-
-
-def _wait(procs, expect):
-    out = []
-    for (name, p, log), want in zip(procs, expect):
-        rc = p.wait(timeout=600)
-        log.close()
-        with open(log.name) as fh:
-            text = fh.read()
-        ok = rc == want if want != "nonzero" else rc != 0
-        assert ok, f"{name}: exit {rc} (expected {want})\n{text[-6000:]}"
-        out.append(text)
-    return out
-
-
-def _start(name, cmd, tmp):
-    log = open(os.path.join(str(tmp), f"{name}.log"), "w")
-    return name, subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp), stdout=log, stderr=subprocess.STDOUT), log
-
-
-def _metrics(folder):
-    from titan_rw.observability import read_metrics
-
-    return {r["step"]: r for r in read_metrics(folder)}
+# ------------------------------------------------------------------------------ launch/setup.sh
+def _torch_dist(python: str) -> tuple[str, str]:
+    """(version, RECORD's content) of the torch distribution `python` sees: the same files and
+    hashes after a no-op install, a new RECORD after a reinstall."""
+    p = subprocess.run([python, "-c", "import importlib.metadata as m; d = m.distribution('torch'); "
+                        "print(d.version); print(d.read_text('RECORD'))"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    version, _, record = p.stdout.partition("\n")
+    return version, record
 
 
 @pytest.mark.slow
-def test_train_on_torch211_equals_torch213(py211, tmp_path):
-    d = lambda name: os.path.join(str(tmp_path), name)  # noqa: E731
-    # 1 process on each torch at once (one core each), then 2 ranks: this torch, then torch 2.11
-    # SIGKILLed after step 3 (checkpoint step-2 on disk) and resumed
-    _wait([_start("ref1", _train_cmd(sys.executable, d("ref1"), 1), tmp_path),
-           _start("t211_1", _train_cmd(py211, d("t211_1"), 1), tmp_path)], [0, 0])
-    _wait([_start("ref2", _train_cmd(sys.executable, d("ref2"), 2), tmp_path)], [0])
-    _wait([_start("t211_2_kill", _train_cmd(py211, d("t211_2"), 2, "--fault_injection.kill_at_step", "3"), tmp_path)],
-          ["nonzero"])
-    (log,) = _wait([_start("t211_2_resume", _train_cmd(py211, d("t211_2"), 2), tmp_path)], [0])
-    assert "resumed from the checkpoint of step 2" in log
-    assert "torch 2.11.0" in log and "trunc_normal_2_13" in log
-    for ref_name, got_name in (("ref1", "t211_1"), ("ref2", "t211_2")):
-        ref, got = _metrics(d(ref_name)), _metrics(d(got_name))
-        assert sorted(ref) == sorted(got) == list(range(1, STEPS + 1)), (ref_name, sorted(got))
-        for s in ref:
-            for k in KEYS:
-                assert got[s][k] == ref[s][k], (got_name, s, k, got[s][k], ref[s][k])  # bit for bit
-    assert all(m["loss"] == m["loss"] for m in _metrics(d("t211_2")).values())  # finite, trained
+def test_make_setup_keeps_torch211(py211):
+    venv = os.path.dirname(os.path.dirname(py211))
+    before = _torch_dist(py211)
+    p = subprocess.run(["make", "setup", f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert before[0].startswith("2.11.0"), before[0]
+    assert f"torch {before[0]} already present: keeping it" in p.stdout, p.stdout
+    assert _torch_dist(py211) == before  # the same distribution, files and hashes: not reinstalled
+    assert "[setup] ready: titan_rw" in p.stdout and f"torch {before[0]}" in p.stdout.splitlines()[-1]

@@ -47,7 +47,7 @@ from torchtitan.config.configs import CommConfig, CompileConfig, DebugConfig, Pa
 from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
 from torchtitan.tools.profiler import Profiler
 
-from titan_rw import models
+from titan_rw import compat, models
 from titan_rw.checkpointing import ResumableCheckpointManager
 from titan_rw.eval.periodic import PeriodicEvalConfig
 from titan_rw.fault_injection import FaultInjection
@@ -493,6 +493,12 @@ def _checkpoint_section(values: dict, source: str):
             raise ConfigError(f"{source}: checkpoint.initial_load_path {path!r} is not a folder with *.safetensors "
                               f"(a Hugging Face model folder, e.g. from `titan-rw export RUN --hf OUT`)")
         _check_hf_shapes(path, _section(values, "model").flavor, source)
+    mode = raw.get("async_mode")
+    if isinstance(mode, str) and mode.lower() == "async_with_pinned_mem" and not compat.has_cuda():
+        raise ConfigError(
+            f"{source}: checkpoint.async_mode = {mode!r} needs CUDA (it stages to pinned host memory) and this "
+            f"machine has none: use \"async\" (a background thread) or \"disabled\""
+        )
     try:
         return _section(values, "checkpoint")
     except ValueError as e:
