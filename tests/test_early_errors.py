@@ -137,15 +137,17 @@ def test_skipped_empty_texts_are_one_count_line(tmp_path):
 
 # ---------------------------------------------------------------------------- the config file
 def test_config_path_that_is_a_folder_or_a_binary_file(tmp_path):
-    """Today `IsADirectoryError` / `UnicodeDecodeError` tracebacks."""
-    log = _train(tmp_path, "--config", str(tmp_path), common=False)
-    line = _the_line(log, "is a folder, not a config file")
-    assert line.startswith(f"titan_rw: config error: {tmp_path}:") and "TOML file" in line
+    """Today `IsADirectoryError` / `UnicodeDecodeError` tracebacks. The binary file through the CLI,
+    the folder (the same code path to the one line) through the config loader."""
+    from titan_rw import config as C
+
     png = tmp_path / "run.toml"
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
     log = _train(tmp_path, "--config", str(png), common=False)
     line = _the_line(log, "not a text file")
-    assert line.startswith(f"titan_rw: config error: {png}:") and "TOML file" in line
+    assert line.startswith(f"titan_rw: config error: {png}: not a text file (byte 0 is not UTF-8)") and "TOML file" in line
+    with pytest.raises(C.ConfigError, match=f"^{tmp_path}: is a folder, not a config file: pass --config a TOML file"):
+        C.from_args(str(tmp_path))
 
 
 # ---------------------------------------------------------------------------- the tokenizer
