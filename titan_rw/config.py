@@ -295,6 +295,15 @@ def load(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[
                 data = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a folder, not a config file: pass --config a TOML file "
+                              f"(e.g. train_configs/debug_cpu.toml, or a run's run_config.toml)") from None
+        except PermissionError:
+            raise ConfigError(f"{path}: config file cannot be read (permission denied): "
+                              f"make it readable or pass another --config") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8): --config needs a "
+                              f"TOML file (e.g. train_configs/debug_cpu.toml)") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
         for section, table in data.items():
@@ -445,7 +454,8 @@ def _check_writable(path: str, key: str) -> None:
 def preflight(cfg) -> None:
     """Checks before the model is built: the run folder and the checkpoint folder can be written
     (a file in their place, a read-only mount), and cheap checks of the data a
-    `ReweightTrainer.Config` names (paths, parquet footers and columns, shards found).
+    `ReweightTrainer.Config` names (paths, parquet footers and columns, texts not all null, shards
+    found and made with the run's tokenizer).
     ConfigError naming the key and the path; nothing is created."""
     _check_writable(cfg.dump_folder, "job.dump_folder")
     ck = cfg.checkpoint
@@ -458,7 +468,7 @@ def preflight(cfg) -> None:
         return
     if isinstance(cfg.dataloader, TokenDataLoader.Config):
         try:
-            TokenDataLoader.preflight(cfg.dataloader)
+            TokenDataLoader.preflight(cfg.dataloader, tokenizer_path=cfg.hf_assets_path or None)
         except DataError as e:
             key = "data.datasets" if cfg.dataloader.datasets else "data.dataset_path"
             raise ConfigError(f"{key}: {e}") from None

@@ -18,6 +18,9 @@ import sys
 # Exit code when the run folder's checkpoints do not fit this run (docs/resuming.md): a config
 # mismatch, or checkpoints none of which loads. Like a config error: restarting does not help.
 EXIT_RESUME_REFUSED = 2
+# Exit code of a user error found before (or while) building the run: a config key, a data path,
+# input data that cannot be trained on (docs/data.md). One line on stderr, no traceback.
+EXIT_USER_ERROR = 2
 USAGE = "titan_rw.train --config FILE [--nproc N] [--section.key value ...]"
 
 
@@ -116,18 +119,22 @@ def train_main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     args, overrides = _split(argv)
-    if args.nproc is not None and args.nproc > 1 and not args.check and not _under_torchrun():
-        return _relaunch(args.nproc, argv)
+    relaunch = args.nproc is not None and args.nproc > 1 and not args.check and not _under_torchrun()
 
     from titan_rw import config as cfgmod
 
-    world = args.nproc if (args.check and args.nproc) else None
+    # with --nproc the config and the data are checked here, once, before torchrun starts the ranks:
+    # a user error is one line and exit 2, not one traceback per rank and the launcher's report
+    world = args.nproc if (args.check or relaunch) and args.nproc else None
     try:
         config = cfgmod.from_args(args.config, overrides, world_size=world)
         cfgmod.preflight(config)  # the data, before the model is built (docs/data.md)
     except cfgmod.ConfigError as e:
-        print(f"titan_rw: config error: {e}", file=sys.stderr)
-        return 2
+        if os.environ.get("RANK", "0") == "0":  # every rank finds the same error: say it once
+            print(f"titan_rw: config error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if relaunch:
+        return _relaunch(args.nproc, argv)
     if args.check:
         print(f"{args.config}: OK")
         return 0
@@ -158,6 +165,7 @@ def run(config) -> int:
     from titan_rw import compat
     from titan_rw.checkpointing import CheckpointSaveError, ResumeError
     from titan_rw.config import save_run_config
+    from titan_rw.data.parquet import DataError
     from titan_rw.faults import TrainingStopped
 
     init_logger()
@@ -198,11 +206,18 @@ def run(config) -> int:
     except CheckpointSaveError as e:  # disk full / read-only during a save: one line, the path
         code = 1
         print(str(e), file=sys.stderr)
+    except DataError as e:  # input data that the preflight cannot see (it needs tokenizing): one line
+        code = EXIT_USER_ERROR
+        if trainer is None and os.environ.get("RANK", "0") != "0":
+            pass  # while building, every rank reads the same data and finds the same error
+        else:
+            print(f"titan_rw: data error: {e}", file=sys.stderr)
     except BaseException:
         if trainer is not None:
             trainer.close()
         raise
-    trainer.close()
+    if trainer is not None:
+        trainer.close()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return code

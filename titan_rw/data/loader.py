@@ -316,28 +316,49 @@ class TokenDataLoader(BaseDataLoader):
         )
 
     @staticmethod
-    def preflight(config: "TokenDataLoader.Config") -> None:
+    def preflight(config: "TokenDataLoader.Config", tokenizer_path: str | None = None) -> None:
         """Cheap checks before anything is built (no tokenizing): every path exists and resolves to
-        shards or parquet files, every local parquet footer reads and has the text column, and a
-        parquet dataset has rows. DataError naming the path."""
-        from titan_rw.data.parquet import _is_remote, check_columns, expand_parquet_paths, open_parquet
+        shards or parquet files, every local parquet footer reads and has the text column, a
+        parquet dataset has rows and not every text is null (footer statistics), and the shards'
+        metadata names the run's tokenizer (`config.tokenizer_path`, else `tokenizer_path`: the
+        trainer's). DataError naming the path."""
+        from titan_rw.data.parquet import _is_remote, check_columns, expand_parquet_paths, null_text_rows, open_parquet
+        from titan_rw.data.shards import check_shard_tokenizer, read_metadata
 
+        tokenizer = None
         for path in list(config.datasets) or ([config.dataset_path] if config.dataset_path else []):
             fmt = resolve_format(path, config.format)
             if fmt == "shards":
-                if not find_shards(path):
+                shards = find_shards(path)
+                if not shards:
                     raise DataError(f"{path}: no .ds token shards found")
+                if config.check_tokenizer and (config.tokenizer_path or tokenizer_path):
+                    if tokenizer is None:
+                        from titan_rw.data.tokenizer import SentencePieceTokenizer
+
+                        tokenizer = SentencePieceTokenizer(tokenizer_path=config.tokenizer_path or tokenizer_path)
+                    for ds in shards:
+                        check_shard_tokenizer(ds, read_metadata(ds), tokenizer)
                 continue
             files = expand_parquet_paths(path)
             local = [f for f in files if not _is_remote(f)]
-            rows = 0
+            rows, nulls = 0, 0
             for f in local:
                 pf = open_parquet(f)
                 check_columns(pf, f, config.text_key)
                 rows += pf.metadata.num_rows
-            if local and len(local) == len(files) and rows == 0:
-                shown = ", ".join(os.path.abspath(f) for f in files[:3]) + (", ..." if len(files) > 3 else "")
+                n = null_text_rows(pf, f, config.text_key)
+                nulls = None if n is None or nulls is None else nulls + n
+            whole = local and len(local) == len(files)
+            shown = ", ".join(os.path.abspath(f) for f in files[:3]) + (", ..." if len(files) > 3 else "")
+            if whole and rows == 0:
                 raise DataError(f"{os.path.abspath(path)}: empty dataset: its {len(files)} parquet file(s) hold no rows ({shown})")
+            if whole and nulls == rows:
+                raise DataError(
+                    f"{os.path.abspath(path)}: every '{config.text_key}' value is null ({rows} rows in {len(files)} "
+                    f"parquet file(s): {shown}): no document to train on; write the documents' text into the "
+                    f"'{config.text_key}' column, or point the loader at another dataset"
+                )
 
     # -- building --------------------------------------------------------------------------------
     def _text_tokenizer_or_none(self):

@@ -3,8 +3,11 @@ document iteration.
 
 Bad input policy (each case has a test):
   - unreadable / truncated parquet, missing text column, empty path set -> `DataError` naming the file;
-  - an empty (or whitespace-only) document, or one whose text is not valid UTF-8 -> skipped, counted
-    in `ReadStats`, and logged with file and row.
+  - every text of a dataset null (or a text column of type null) -> `DataError` before the model is
+    built (`null_text_rows`, from the footer's statistics, for the preflight);
+  - an empty (or whitespace-only) document, or one whose text is not valid UTF-8 -> skipped and
+    counted in `ReadStats` (the first examples with file and row); the reader's caller logs one
+    count line per dataset, never one per document.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ class ReadStats:
         setattr(self, kind, getattr(self, kind) + 1)
         if len(self.skipped_examples) < 20:
             self.skipped_examples.append(f"{kind}: {where}")
-        logger.warning("skipping %s document at %s", kind.replace("_", " "), where)
+        logger.debug("skipping %s document at %s", kind.replace("_", " "), where)
 
     @property
     def skipped(self) -> int:
@@ -108,6 +111,31 @@ def check_columns(pf: pq.ParquetFile, path: str, text_key: str = "text") -> None
     names = pf.schema_arrow.names
     if text_key not in names:
         raise DataError(f"{path}: no '{text_key}' column (columns: {names})")
+
+
+def null_text_rows(pf: pq.ParquetFile, path: str, text_key: str = "text") -> int | None:
+    """How many rows of the file have a null text, from the footer alone (no data read): every row
+    when the column's type is null, else the row groups' null counts; None when a row group has
+    no statistics. DataError when the column is neither string nor binary."""
+    import pyarrow as pa
+
+    tp = pf.schema_arrow.field(text_key).type
+    if pa.types.is_null(tp):
+        return pf.metadata.num_rows
+    if not (pa.types.is_string(tp) or pa.types.is_large_string(tp) or pa.types.is_binary(tp)
+            or pa.types.is_large_binary(tp)):
+        raise DataError(f"{path}: column '{text_key}' has type {tp}, expected string")
+    md = pf.metadata
+    cols = [i for i in range(md.num_columns) if md.schema.column(i).path == text_key]
+    if len(cols) != 1:
+        return None
+    nulls = 0
+    for g in range(md.num_row_groups):
+        st = md.row_group(g).column(cols[0]).statistics
+        if st is None or not st.has_null_count:
+            return None
+        nulls += st.null_count
+    return nulls
 
 
 def iter_parquet_documents(

@@ -114,14 +114,22 @@ class Part:
         return self._id_cache[g][i - g * ID_ROW_GROUP]
 
 
+def check_shard_tokenizer(ds_path: str, meta: ShardMetadata, tokenizer) -> None:
+    """DataError unless the shard's metadata names `tokenizer` (the loader at build, and the
+    preflight before the model is built)."""
+    if not tokenizer_matches(meta.tokenizer, tokenizer):
+        raise DataError(
+            f"{ds_path}: tokenized with {meta.tokenizer!r}, but this run's tokenizer is "
+            f"{_fingerprint(tokenizer)}: re-tokenize them (titan-rw tokenize), set data.tokenizer to the model that made "
+            f"them, or point the loader at matching shards"
+        )
+
+
 def open_shard(ds_path: str, tokenizer=None, *, check_tokenizer: bool = True) -> Part:
     """Memory-map one `.ds` shard after checking its index, metadata and tokenizer."""
     meta = read_metadata(ds_path) if (check_tokenizer or os.path.exists(ds_path + ".metadata")) else None
-    if meta is not None and tokenizer is not None and check_tokenizer and not tokenizer_matches(meta.tokenizer, tokenizer):
-        raise DataError(
-            f"{ds_path}: tokenized with {meta.tokenizer!r}, but this run's tokenizer is "
-            f"{_fingerprint(tokenizer)}; re-tokenize (titan-rw tokenize) or point the loader at matching shards"
-        )
+    if meta is not None and tokenizer is not None and check_tokenizer:
+        check_shard_tokenizer(ds_path, meta, tokenizer)
     token_size = meta.token_size if meta is not None else 2
     if token_size not in (2, 4):
         raise DataError(f"{ds_path}.metadata: token size {token_size} bytes is not 2 or 4")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +31,54 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
         models = sorted(p.glob("*.model"))
         if len(models) == 1:
             return models[0]
+        hf = " (tokenizer.json here is a Hugging Face tokenizer: titan_rw loads sentencepiece only)" if (
+            p / "tokenizer.json").is_file() and not models else ""
         raise FileNotFoundError(
             f"{p}: no sentencepiece model here (looked for {MODEL_FILENAME} or a single *.model; "
-            f"found {[m.name for m in models] or 'none'})"
+            f"found {[m.name for m in models] or 'none'}){hf}"
         )
     if p.is_file():
         return p
     raise FileNotFoundError(f"{p}: sentencepiece tokenizer model not found")
+
+
+FIX = ("use a sentencepiece .model file (a Llama-2 tokenizer.model, or one made by `titan-rw tokenizer "
+       "train`), or a folder holding tokenizer.model")
+
+
+def not_a_model_reason(path: str | os.PathLike) -> str:
+    """What a file that sentencepiece cannot load really is, and what to use instead (one line).
+
+    A sentencepiece model is a binary protobuf; the usual wrong files are text: a Hugging Face
+    `tokenizer.json`, Llama 3's `tokenizer.model` (tiktoken: base64 piece and rank per line) or the
+    `.vocab` file written beside a `.model`."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e}); {FIX}"
+    if not head:
+        return f"is empty (0 bytes), not a sentencepiece model; {FIX}"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # binary (a cut multi-byte character at the end is still text)
+            return (f"is not a sentencepiece model: its bytes do not parse as one (a truncated copy, or "
+                    f"another binary format?); {FIX}")
+        text = head[: e.start].decode("utf-8")
+    first = text.lstrip().split("\n", 1)[0]
+    if text.lstrip().startswith("{"):
+        if '"model"' in text or '"added_tokens"' in text or '"vocab"' in text:
+            return (f"is a Hugging Face tokenizer.json (JSON text), not a sentencepiece model: titan_rw "
+                    f"loads sentencepiece only; {FIX}")
+        return f"is a JSON text file, not a sentencepiece model (a binary protobuf); {FIX}"
+    if re.fullmatch(r"[A-Za-z0-9+/=]+ \d+", first.strip()):
+        return (f"is a tiktoken BPE file (Llama 3's tokenizer.model: base64 piece and rank per line), not a "
+                f"sentencepiece model: titan_rw loads sentencepiece only; {FIX}")
+    if re.fullmatch(r"\S+\t-?\d+(\.\d+)?", first.strip()):
+        return (f"is a sentencepiece .vocab file (piece and score per line), not the model: use the .model "
+                f"file written beside it")
+    return f"is a text file, not a sentencepiece model (a binary protobuf); {FIX}"
 
 
 def model_sha256(path: str | os.PathLike) -> str:
@@ -71,7 +113,7 @@ class SentencePieceTokenizer(BaseTokenizer):
         try:
             self.sp = spm.SentencePieceProcessor(model_file=self.model_path)
         except Exception as e:  # sentencepiece raises RuntimeError/OSError with a terse message
-            raise ValueError(f"{self.model_path}: not a readable sentencepiece model ({e})") from e
+            raise ValueError(f"{self.model_path}: {not_a_model_reason(self.model_path)}") from e
         self.sha256 = model_sha256(self.model_path)
 
         def _id(v: int) -> int | None:
