@@ -1,7 +1,7 @@
 """Tests of titan_rw.reweight against the paper (Section 4.2, Alg. 1, Eq. 4, Prop. 1) and docs/design.md §2.
 
 The reference below is written from the paper's formulas in plain Python float64 (math only, no
-torch), independently of the module under test. Where the paper is silent (the guard for a ~zero
+torch), independently of the module under test. Where the paper is silent (the flat-range rule for a ~zero
 loss range, invalid samples, the cap), it follows the contract in docs/design.md §2.
 """
 
@@ -400,9 +400,9 @@ EXTREME_LOSSES = [
     [1e30, 0.0, 5.0, 1e29],
     [1e30] * 5 + [0.0],
     [-1e30, 1e30, 0.0],
-    [1.0 + 1e-7 * i for i in range(8)],  # range below the guard: flat
+    [1.0 + 1e-7 * i for i in range(8)],  # range below the flat-range rule: flat
     [1e-30 * i for i in range(8)],
-    [0.0, 2e-6, 1e-6, 5e-7],  # range just above the guard
+    [0.0, 2e-6, 1e-6, 5e-7],  # range just above it
 ]
 
 
@@ -437,7 +437,7 @@ def test_losses_near_fp32_max_stay_finite():
 
 
 def test_tiny_range_is_flat():
-    f = _t([1.0 + 1e-7 * i for i in range(8)])  # f_max - f_min < 1e-6: the guard gives h = 0
+    f = _t([1.0 + 1e-7 * i for i in range(8)])  # f_max - f_min < 1e-6: the flat-range rule gives h = 0
     for strategy in NORMALIZED:
         assert torch.equal(sample_weights(f, strategy, 0.3), torch.full((8,), 1.0) / 8)
 
