@@ -33,3 +33,15 @@ def test_unknown_command_and_strategy_fail_clearly():
     assert r.returncode == 2 and "unknown command 'fly'" in r.stderr
     r = _run("weights", "1", "2", "--strategy", "nope")
     assert r.returncode != 0 and "linupper" in r.stderr
+
+
+def test_weights_upper_is_the_linear_ramp():
+    # losses 0, 1, 2: h = -1, 0, 1 and upper's s = h/2 + 1/2 = 0, 1/2, 1; w = e^s / sum at r = 1
+    import math
+
+    r = _run("weights", "0", "1", "2", "--strategy", "upper", "-r", "1")
+    assert r.returncode == 0, r.stderr
+    assert "strategy=upper" in r.stdout
+    got = [float(line.split("weight")[1].split()[0]) for line in r.stdout.splitlines() if "x b =" in line]
+    e = [1.0, math.exp(0.5), math.e]
+    assert len(got) == 3 and all(abs(g - x / sum(e)) <= 1e-6 for g, x in zip(got, e))

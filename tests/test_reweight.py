@@ -1,7 +1,7 @@
 """Tests of titan_rw.reweight against the paper (Section 4.2, Alg. 1, Eq. 4, Prop. 1) and docs/design.md §2.
 
 The reference below is written from the paper's formulas in plain Python float64 (math only, no
-torch), independently of the module under test. Where the paper is silent (the guard for a ~zero
+torch), independently of the module under test. Where the paper is silent (the flat-range rule for a ~zero
 loss range, invalid samples, the cap), it follows the contract in docs/design.md §2.
 """
 
@@ -15,10 +15,10 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from titan_rw.reweight import STRATEGIES, TemperatureSchedule, sample_weights
+from titan_rw.reweight import STRATEGIES, ReweightConfig, TemperatureSchedule, sample_weights
 
-NORMALIZED = ("uniform", "linupper", "quadratic", "extremes")
-RANGE_EPS = 1e-6  # the paper's guard (Listing 1): a loss range below this counts as flat
+NORMALIZED = ("uniform", "linupper", "upper", "quadratic", "extremes")
+RANGE_EPS = 1e-6  # titan_rw's flat-range rule (docs/design.md §2): a loss range <= this counts as flat
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -27,11 +27,13 @@ FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 # Plain-Python float64 reference of the paper's formulas
 # ----------------------------------------------------------------------------------------------
 def _score(h: float, strategy: str) -> float:
-    # Section 4.2 with alpha = 1.
+    # Section 4.2 with alpha = 1 (and the GPT-2 reference code's `upper`).
     if strategy == "uniform":
         return 0.0
     if strategy == "linupper":
         return min(h + 1.0, 1.0)
+    if strategy == "upper":  # the GPT-2 reference code's linear ramp
+        return 0.5 * h + 0.5
     if strategy == "quadratic":
         return 1.0 * (1.0 - h * h / 1.0)
     if strategy == "extremes":
@@ -398,9 +400,9 @@ EXTREME_LOSSES = [
     [1e30, 0.0, 5.0, 1e29],
     [1e30] * 5 + [0.0],
     [-1e30, 1e30, 0.0],
-    [1.0 + 1e-7 * i for i in range(8)],  # range below the guard: flat
+    [1.0 + 1e-7 * i for i in range(8)],  # range below the flat-range rule: flat
     [1e-30 * i for i in range(8)],
-    [0.0, 2e-6, 1e-6, 5e-7],  # range just above the guard
+    [0.0, 2e-6, 1e-6, 5e-7],  # range just above it
 ]
 
 
@@ -435,7 +437,7 @@ def test_losses_near_fp32_max_stay_finite():
 
 
 def test_tiny_range_is_flat():
-    f = _t([1.0 + 1e-7 * i for i in range(8)])  # f_max - f_min < 1e-6: the guard gives h = 0
+    f = _t([1.0 + 1e-7 * i for i in range(8)])  # f_max - f_min < 1e-6: the flat-range rule gives h = 0
     for strategy in NORMALIZED:
         assert torch.equal(sample_weights(f, strategy, 0.3), torch.full((8,), 1.0) / 8)
 
@@ -582,3 +584,102 @@ def test_schedule_resume_keeps_the_step_and_the_configured_shape():
 def test_schedule_rejects_bad_config(kwargs):
     with pytest.raises(ValueError):
         TemperatureSchedule(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity with the reference code (issue 23, docs/design.md §9)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("b", [2, 3, 16, 129, 1024])
+@pytest.mark.parametrize("r", [0.5, 1.0, 7.0, 100.0])
+def test_upper_is_the_linear_ramp(b, r):
+    """`upper` = the GPT-2 code's s = h/2 + 1/2, from a float64 reference written here in full (not
+    through `_score`): min-max onto [-1, 1], the ramp, softmax(s / r)."""
+    rng = random.Random(31 * b + int(10 * r))
+    f = [rng.uniform(1.0, 9.0) for _ in range(b)]
+    lo, hi = min(f), max(f)
+    s = [0.5 * (2.0 * (x - lo) / (hi - lo) - 1.0) + 0.5 for x in f]  # = (f - f_min) / (f_max - f_min)
+    e = [math.exp((x - 1.0) / r) for x in s]
+    ref = [x / math.fsum(e) for x in e]
+    _assert_matches_reference(sample_weights(_t(f), "upper", r), ref)
+
+
+def test_upper_by_hand_and_unlike_linupper():
+    # losses 0, 1, 2: h = -1, 0, 1; upper s = 0, 1/2, 1 (a ramp); linupper s = 0, 1, 1 (saturates at h >= 0)
+    f = _t([0.0, 1.0, 2.0])
+    e = [1.0, math.exp(0.5), math.e]
+    assert sample_weights(f, "upper", 1.0).tolist() == pytest.approx([x / sum(e) for x in e], rel=1e-6)
+    e = [1.0, math.e, math.e]
+    assert sample_weights(f, "linupper", 1.0).tolist() == pytest.approx([x / sum(e) for x in e], rel=1e-6)
+
+
+def _reference_code_h(f: list[float]) -> list[float]:
+    """The references' normalization (both code bases): divide by max(f_max - f_min, 1e-6)."""
+    lo, hi = min(f), max(f)
+    return [2.0 * (x - lo) / max(hi - lo, 1e-6) - 1.0 for x in f]
+
+
+def test_flat_range_rule_differs_from_the_references_only_for_spreads_up_to_1e_6():
+    """docs/design.md §9's numbers: at b = 2 and a spread of exactly 1e-6 the references give h = -1, 1
+    (LinUpper / upper: w = 1/(1 + e), e/(1 + e) at r = 1, 0.23 from 1/2), titan_rw h = 0 (w = 1/2).
+    Above 1e-6 both rules are the same map."""
+    f = [0.0, 1e-6]
+    h = _reference_code_h(f)
+    assert h == [-1.0, 1.0]
+    for strategy in ("linupper", "upper"):
+        s = [_score(x, strategy) for x in h]
+        e = [math.exp(x) for x in s]
+        ref_max = max(e) / sum(e)
+        assert ref_max - 0.5 == pytest.approx(0.2311, abs=1e-4)
+        ours = sample_weights(torch.tensor(f, dtype=torch.float64).float(), strategy, 1.0)
+        assert torch.equal(ours, torch.full((2,), 0.5))
+    for strategy in ("quadratic", "extremes"):  # symmetric scores: no difference at b = 2
+        s = [_score(x, strategy) for x in h]
+        assert s[0] == s[1]
+    # a spread of 1e-3: the two rules agree
+    f = [2.0, 2.001]
+    s = [_score(x, "linupper") for x in _reference_code_h(f)]
+    e = [math.exp(x) for x in s]
+    _assert_matches_reference(sample_weights(_t(f), "linupper", 1.0), [x / sum(e) for x in e], atol=1e-3)
+
+
+@pytest.mark.parametrize("cap", [None, 1.0, 2.0])
+def test_uniform_is_exactly_one_over_b_or_the_prior_with_any_cap(cap):
+    f = _t([0.5, 3.0, 9.0, 1.0, 2.0])
+    assert torch.equal(sample_weights(f, "uniform", 0.01, cap=cap), torch.full((5,), 1.0) / 5)
+    prior = _t([3.0, 1.0, 0.0, 4.0, 2.0])  # sums to 10: pi = 0.3, 0.1, 0, 0.4, 0.2
+    w = sample_weights(f, "uniform", 0.01, cap=cap, prior=prior)
+    assert torch.equal(w, prior / prior.sum())
+
+
+def test_schedule_uniform_burn_in():
+    """warmup_mode = "uniform": steps 1..warmup_steps have no temperature (None) and phase burn-in;
+    then the target (constant) or the anneal from warmup_value; a pure function of the step."""
+    s = TemperatureSchedule(target=2.0, warmup_value=100.0, warmup_steps=3, warmup_mode="uniform")
+    assert [s(t) for t in (1, 2, 3, 4, 50)] == [None, None, None, 2.0, 2.0]
+    assert [s.burn_in(t) for t in (1, 3, 4)] == [True, True, False]
+    assert [s.phase(t) for t in (1, 3, 4)] == ["burn-in", "burn-in", "target"]
+    assert [s(t) for t in (50, 1, 4)] == [2.0, None, 2.0]  # any order: no hidden state
+    a = TemperatureSchedule(target=1.0, warmup_value=10.0, warmup_steps=2, anneal="linear", anneal_steps=4,
+                            warmup_mode="uniform")
+    assert [a(t) for t in range(1, 8)] == [None, None, 7.75, 5.5, 3.25, 1.0, 1.0]
+    assert [a.phase(t) for t in (2, 3, 5, 6)] == ["burn-in", "anneal", "anneal", "target"]
+    t = TemperatureSchedule(target=1.0, warmup_value=100.0, warmup_steps=2)  # today's default mode
+    assert [t(x) for x in (1, 2, 3)] == [100.0, 100.0, 1.0] and not t.burn_in(1)
+    assert [t.phase(x) for x in (2, 3)] == ["warm-up", "target"]
+    assert s.state_dict()["warmup_mode"] == "uniform"
+    with pytest.raises(ValueError, match="warmup_mode"):
+        TemperatureSchedule(warmup_mode="burn-in")
+
+
+def test_config_warmup_mode_and_the_warm_up_longer_than_the_run():
+    cfg = ReweightConfig(warmup_steps=2000, warmup_mode="uniform")
+    cfg.validate()
+    assert cfg.schedule()(2000) is None and cfg.schedule()(2001) == 1.0
+    with pytest.raises(ValueError, match="reweight.warmup_mode 'exact' is unknown; valid: temperature, uniform"):
+        ReweightConfig(warmup_mode="exact").validate()
+    why = ReweightConfig(warmup_steps=2000).warmup_warning(50)
+    assert "reweight.warmup_steps = 2000" in why and "training.steps = 50" in why and "r = " in why
+    assert "\n" not in why
+    assert "uniform weights" in cfg.warmup_warning(2000)  # = the run: the strategy never applies either
+    assert ReweightConfig(warmup_steps=49).warmup_warning(50) is None
+    assert ReweightConfig(warmup_steps=0).warmup_warning(1) is None

@@ -63,6 +63,7 @@ _STEP = re.compile(r"^step-(\d+)$")
 MUST_MATCH = ("model.flavor", "training.seq_len", "data.seed", "data.shuffle", "data.loader")
 # Keys whose change is accepted on resume with one log line (the experiment is not the same).
 LOGGED = ("reweight.strategy", "reweight.temperature", "reweight.warmup_temperature", "reweight.warmup_steps",
+          "reweight.warmup_mode",
           "reweight.anneal", "reweight.anneal_steps", "reweight.cap", "reweight.scope", "reweight.granularity",
           "reweight.min_document_tokens", "reweight.max_documents_per_row",
           "training.global_batch_size", "training.local_batch_size")

@@ -56,7 +56,8 @@ def weights_main(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="titan-rw weights", description=weights_main.__doc__)
     p.add_argument("losses", nargs="+", type=float, help="per-sample losses of one batch")
-    p.add_argument("--strategy", default="linupper", choices=STRATEGIES)
+    p.add_argument("--strategy", default="linupper", choices=STRATEGIES,
+                   help="upper: the GPT-2 reference code's ramp s = h/2 + 1/2 (fms-fsdp's 'upper' is linupper)")
     p.add_argument("-r", "--temperature", type=float, default=1.0)
     p.add_argument("--cap", type=float, default=None, help="max weight = cap / b (2 = Theorem 1)")
     a = p.parse_args(argv)

@@ -373,6 +373,9 @@ def validate(values: dict, source: str = "config", world_size: int | None = None
         rw.validate()
     except ValueError as e:
         raise ConfigError(f"{source}: [reweight] {e}") from None
+    why = rw.warmup_warning(t.steps)
+    if why is not None and os.environ.get("RANK", "0") == "0":  # one line per run, not one per rank
+        log.warning(f"titan_rw: {source}: {why}")
     p = _section(values, "parallelism")
     for key in ("pipeline_parallel_degree", "tensor_parallel_degree", "context_parallel_degree", "expert_parallel_degree"):
         if getattr(p, key) != 1:

@@ -153,6 +153,8 @@ def document_weights(
     short = present & (n_tokens < min_tokens)
     if merged is not None:
         short = short | (present & merged.to(torch.bool))
+    if strategy == "uniform":  # exactly the token shares: the plain token-mean loss
+        return torch.where(present, pi, 0.0), pi
     long = present & ~short
     w_long = sample_weights(f, strategy, temperature, cap=cap, valid=long, prior=pi)  # sums to 1 over long
     mass_long = torch.where(long, pi, 0.0).sum()  # P = 1 - sum_short pi

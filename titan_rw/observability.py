@@ -223,7 +223,7 @@ class StepRecord:
 
     step: int
     groups: list  # titan_rw.loss.WeightStats, one per reweighting group
-    temperature: float | torch.Tensor
+    temperature: float | torch.Tensor | None  # None: a uniform burn-in step (no r applies)
     lr: float
     grad_norm: torch.Tensor
     ntokens: int
@@ -231,6 +231,7 @@ class StepRecord:
     scores: dict[str, float] = field(default_factory=dict)  # periodic eval, on eval steps
     provenance: list | None = None  # this rank's rows (loader's last_provenance), rank 0 only
     inputs: torch.Tensor | None = None  # their tokens, on samples steps
+    phase: str | None = None  # TemperatureSchedule.phase: burn-in, warm-up, anneal or target
 
 
 class RunLogger:
@@ -418,8 +419,8 @@ class RunLogger:
             if isinstance(temperature, torch.Tensor):
                 parts.append(temperature.detach().float().reshape(()))
                 dev_keys.append("temperature")
-            else:
-                host["temperature"] = float(temperature)
+            else:  # None in a uniform burn-in: null in metrics.jsonl, no TensorBoard point
+                host["temperature"] = None if temperature is None else float(temperature)
             for k, v in (extra or {}).items():
                 if isinstance(v, torch.Tensor):
                     parts.append(v.detach().float().reshape(()))
@@ -474,6 +475,8 @@ class RunLogger:
     def record_step(self, rec: "StepRecord") -> None:
         """The trainer's one call per optimizer step (device ops only); flushes on log steps."""
         extra: dict[str, Any] = {"lr": rec.lr, "grad_norm": rec.grad_norm.detach()}
+        if rec.phase is not None:
+            extra["phase"] = rec.phase
         if rec.faults is not None:
             extra.update(rec.faults.as_metrics())
         extra.update(rec.scores)  # eval/<task>/<metric>: host floats, on eval steps only

@@ -112,7 +112,9 @@ class Progress:
 
     def row_line(self, row: dict, *, tokens: int | None = None) -> str:
         """The line for a metrics.jsonl row (as `RunLogger.flush` returns them)."""
-        extra = {k: row[k] for k in ("lr", "grad_norm", "temperature") if k in row}
+        extra = {k: row[k] for k in ("lr", "grad_norm", "temperature") if row.get(k) is not None}
+        if row.get("phase") == "burn-in":  # warmup_mode = "uniform": no r, weights exactly uniform
+            extra["weights"] = "uniform burn-in"
         if row.get("bound_violations"):  # groups above their own 2/b (one may not hold the max weight)
             extra["bound_violations"] = row["bound_violations"]
         return self.line(

@@ -27,10 +27,16 @@ from typing import Literal
 
 import torch
 
-STRATEGIES = ("uniform", "linupper", "quadratic", "extremes", "dro_kl")
+STRATEGIES = ("uniform", "linupper", "upper", "quadratic", "extremes", "dro_kl")
 ANNEALS = ("constant", "linear", "cosine")
+# What the first `warmup_steps` steps do (docs/design.md §2): "temperature" trains them at
+# r = warmup_value (Appendix A.2, fms-fsdp's warm-up), "uniform" with exactly uniform weights (the
+# GPT-2 reference code's burn-in: the plain loss), then the strategy.
+WARMUP_MODES = ("temperature", "uniform")
 
-# The paper's guard (Listing 1): a range below this means "all losses equal".
+# titan_rw's flat-range rule: when f_max - f_min <= RANGE_EPS every h is 0 (all losses count as
+# equal). Not the references' rule: they divide by max(f_max - f_min, 1e-6), which agrees above 1e-6
+# and differs for spreads in (0, 1e-6] (docs/design.md §9).
 RANGE_EPS = 1e-6
 
 
@@ -69,7 +75,8 @@ def _check_temperature(temperature) -> None:
 
 
 def normalize(losses: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Alg. 1 line 5: map valid losses linearly onto [-1, 1]; 0 where the range is ~0."""
+    """Alg. 1 line 5: map valid losses linearly onto [-1, 1]; h = 0 for all when
+    f_max - f_min <= RANGE_EPS (titan_rw's flat-range rule, see RANGE_EPS)."""
     big = torch.finfo(losses.dtype).max
     f_min = torch.where(valid, losses, big).amin()
     f_max = torch.where(valid, losses, -big).amax()
@@ -86,6 +93,8 @@ def strategy_scores(h: torch.Tensor, strategy: str) -> torch.Tensor:
         return torch.zeros_like(h)
     if strategy == "linupper":
         return torch.clamp(h + 1.0, max=1.0)  # min(h + 1, 1)
+    if strategy == "upper":  # the GPT-2 reference code's linear ramp (not fms-fsdp's "upper" = LinUpper)
+        return 0.5 * h + 0.5
     if strategy == "quadratic":
         return 1.0 - h * h
     if strategy == "extremes":
@@ -212,6 +221,9 @@ def sample_weights(
         ok = ok & torch.isfinite(p) & (p > 0)
     f = torch.where(ok, f, 0.0)
 
+    if strategy == "uniform":  # exactly 1/b (pi_i with a prior), within every cap c >= 1
+        u = torch.where(ok, p if prior is not None else torch.ones_like(f), 0.0)
+        return u / u.sum().clamp(min=torch.finfo(u.dtype).tiny)
     if strategy == "dro_kl":  # Table 12 baseline: softmax of the raw loss
         s = f
     else:
@@ -236,11 +248,14 @@ def sample_weights(
 
 @dataclass
 class TemperatureSchedule:
-    """Appendix A.2: r = warmup_value for `warmup_steps`, then the target.
+    """Appendix A.2: the first `warmup_steps` steps are a warm-up, then the target r.
 
-    `anneal="constant"` jumps to the target; `"linear"`/`"cosine"` go from warmup_value to
-    target over `anneal_steps` after the warm-up. Steps count from 1 like TorchTitan's.
-    Checkpointable: its state is the step it was last asked for.
+    `warmup_mode="temperature"` (default): r = warmup_value during the warm-up (near-uniform weights,
+    fms-fsdp's warm-up). `"uniform"`: a burn-in, weights exactly uniform (1/b; the token shares at
+    document granularity), as in the GPT-2 reference code; no r applies, so `__call__` is None there.
+    After the warm-up, `anneal="constant"` jumps to the target; `"linear"`/`"cosine"` go from
+    warmup_value to target over `anneal_steps`. Steps count from 1 like TorchTitan's: steps
+    1..warmup_steps are the warm-up. A pure function of the step (checkpointed: the last step asked).
     """
 
     target: float = 1.0
@@ -248,6 +263,7 @@ class TemperatureSchedule:
     warmup_steps: int = 0
     anneal: str = "constant"
     anneal_steps: int = 0
+    warmup_mode: str = "temperature"
 
     def __post_init__(self):
         for name in ("target", "warmup_value"):
@@ -256,17 +272,32 @@ class TemperatureSchedule:
                 raise ValueError(f"temperature {name} must be a finite number > 0, got {v!r}")
         if self.anneal not in ANNEALS:
             raise ValueError(f"unknown temperature anneal {self.anneal!r}; valid: {', '.join(ANNEALS)}")
+        if self.warmup_mode not in WARMUP_MODES:
+            raise ValueError(f"unknown warmup_mode {self.warmup_mode!r}; valid: {', '.join(WARMUP_MODES)}")
         if self.warmup_steps < 0 or self.anneal_steps < 0:
             raise ValueError("temperature warmup_steps and anneal_steps must be >= 0")
         if self.anneal != "constant" and self.anneal_steps == 0:
             raise ValueError(f"anneal={self.anneal!r} needs anneal_steps > 0")
         self.last_step = 0
 
-    def __call__(self, step: int) -> float:
+    def burn_in(self, step: int) -> bool:
+        """True on the steps of a uniform burn-in (weights exactly uniform, the strategy unused)."""
+        return self.warmup_mode == "uniform" and step <= self.warmup_steps
+
+    def phase(self, step: int) -> str:
+        """What step `step` does: "burn-in" (uniform weights), "warm-up" (r = warmup_value),
+        "anneal" (r between warmup_value and target) or "target"."""
+        t = step - self.warmup_steps
+        if t <= 0:
+            return "burn-in" if self.warmup_mode == "uniform" else "warm-up"
+        return "anneal" if self.anneal != "constant" and t < self.anneal_steps else "target"
+
+    def __call__(self, step: int) -> float | None:
+        """r of step `step`; None during a uniform burn-in (no temperature applies)."""
         self.last_step = step
         t = step - self.warmup_steps  # steps past the warm-up
         if t <= 0:
-            return float(self.warmup_value)
+            return None if self.warmup_mode == "uniform" else float(self.warmup_value)
         if self.anneal == "constant" or t >= self.anneal_steps:
             return float(self.target)
         frac = t / self.anneal_steps
@@ -282,6 +313,7 @@ class TemperatureSchedule:
             "warmup_steps": self.warmup_steps,
             "anneal": self.anneal,
             "anneal_steps": self.anneal_steps,
+            "warmup_mode": self.warmup_mode,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -314,13 +346,18 @@ class ReweightConfig:
     """`[reweight]`: the weights of Algorithm 1 (docs/design.md §2)."""
 
     strategy: str = "linupper"
-    """One of uniform, linupper, quadratic, extremes, dro_kl (docs/design.md §2)."""
+    """One of uniform, linupper, upper (the GPT-2 reference code's linear ramp s = h/2 + 1/2, not
+    fms-fsdp's "upper"), quadratic, extremes, dro_kl (docs/design.md §2, §9)."""
     temperature: float = 1.0
     """Target temperature r (paper: 1.0 for 1.4B, 2.0 for 7B)."""
     warmup_temperature: float = 100.0
     """Temperature during the warm-up steps (Appendix A.2: r = 100)."""
     warmup_steps: int = 0
-    """Steps at warmup_temperature before the target."""
+    """Steps of the warm-up (steps 1..warmup_steps), before the target."""
+    warmup_mode: Literal["temperature", "uniform"] = "temperature"
+    """What the warm-up does: "temperature" trains at r = warmup_temperature (Appendix A.2);
+    "uniform" with weights exactly 1/b (document granularity: the token shares), the plain loss
+    (the GPT-2 reference code's burn-in), then the strategy (docs/design.md §2)."""
     anneal: Literal["constant", "linear", "cosine"] = "constant"
     """How the temperature goes from warmup_temperature to temperature after the warm-up."""
     anneal_steps: int = 0
@@ -354,7 +391,20 @@ class ReweightConfig:
             raise ValueError(f"reweight.cap must be >= 1 (or unset), got {self.cap}")
         if self.loss_chunks < 1:
             raise ValueError(f"reweight.loss_chunks must be >= 1, got {self.loss_chunks}")
+        if self.warmup_mode not in WARMUP_MODES:
+            raise ValueError(f"reweight.warmup_mode {self.warmup_mode!r} is unknown; valid: {', '.join(WARMUP_MODES)}")
         self.schedule()  # validates temperatures / anneal
+
+    def warmup_warning(self, total_steps: int) -> str | None:
+        """One line when the warm-up covers every step of a `total_steps` run (the strategy's
+        target r never applies), else None."""
+        if self.warmup_steps <= 0 or self.warmup_steps < total_steps:
+            return None
+        what = ("trains with exactly uniform weights (warmup_mode = \"uniform\")" if self.warmup_mode == "uniform"
+                else f"keeps r = reweight.warmup_temperature = {self.warmup_temperature:g} (near-uniform weights)")
+        return (f"reweight.warmup_steps = {self.warmup_steps} covers all training.steps = {total_steps}: the whole run "
+                f"{what} and the {self.strategy} weights at r = {self.temperature:g} never apply; lower "
+                f"reweight.warmup_steps below training.steps to reweight")
 
     def schedule(self) -> TemperatureSchedule:
         return TemperatureSchedule(
@@ -363,4 +413,5 @@ class ReweightConfig:
             warmup_steps=self.warmup_steps,
             anneal=self.anneal,
             anneal_steps=self.anneal_steps,
+            warmup_mode=self.warmup_mode,
         )

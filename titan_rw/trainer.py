@@ -161,6 +161,7 @@ class ReweightTrainer(Trainer):
 
         self._groups: list[Any] = []  # WeightStats of the current step's groups
         self._temperature_value: float | None = None  # host copy of self._temperature_t
+        self._strategy, self._cap = rw.strategy, rw.cap  # this step's (uniform, None in a burn-in)
         if self.rank == 0:
             os.makedirs(config.dump_folder, exist_ok=True)
         mp = self.metrics_processor
@@ -194,7 +195,9 @@ class ReweightTrainer(Trainer):
             logger.info(describe(config.model_spec.flavor))
         logger.info(
             f"titan_rw reweighting: strategy={rw.strategy} r={rw.temperature} "
-            f"(warm-up r={rw.warmup_temperature} for {rw.warmup_steps} steps, {rw.anneal}) cap={rw.cap} "
+            + (f"(uniform burn-in for {rw.warmup_steps} steps, then {rw.anneal}) " if rw.warmup_mode == "uniform"
+               else f"(warm-up r={rw.warmup_temperature} for {rw.warmup_steps} steps, {rw.anneal}) ")
+            + f"cap={rw.cap} "
             f"scope={rw.scope} b={self.group_b if rw.scope == 'microbatch' else self.group_b * self.gradient_accumulation_steps} "
             + (f"rows, granularity=document (≤ {self.slots} fragments per row, < {rw.min_document_tokens} tokens "
                f"kept at their token share) " if self.slots > 1 else "") +
@@ -238,7 +241,7 @@ class ReweightTrainer(Trainer):
             self._fb_calls += 1
             if self._fixed_weights is None:  # microbatch scope: this micro-batch is the group
                 loss, stats = self._weighted(  # Alg. 1 lines 4-8: gather, Eq. (4), Σ_local w_i f_i
-                    losses, self._temperature_t, strategy=self.rw.strategy, cap=self.rw.cap,
+                    losses, self._temperature_t, strategy=self._strategy, cap=self._cap,
                     group=self.dp_group, dp_rank=self.dp_rank, dp_size=self.dp_size, valid=valid, **docs,
                 )
                 self._groups.append(stats)
@@ -267,7 +270,7 @@ class ReweightTrainer(Trainer):
                                         "merged": torch.stack([d["merged"] for d in docs]),
                                         "min_document_tokens": self.rw.min_document_tokens}
         w, stats = group_weights(torch.stack(losses), torch.stack(valid), self._temperature_t,
-                                 strategy=self.rw.strategy, cap=self.rw.cap, group=self.dp_group,
+                                 strategy=self._strategy, cap=self._cap, group=self.dp_group,
                                  dp_rank=self.dp_rank, dp_size=self.dp_size, **extra)
         self._fixed_weights = list(w)
         self._mb_index = 0
@@ -284,8 +287,17 @@ class ReweightTrainer(Trainer):
     def train_step(self, data_iterator: Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]):
         self.optimizers.zero_grad(set_to_none=True)
         lr = next(iter(self.lr_schedulers.get_metrics().values()), float("nan"))
-        temperature = self.temperature_schedule(self.step)  # Appendix A.2: r of this step
-        self._set_temperature(temperature)
+        # Appendix A.2: r of this step, or None in a uniform burn-in (warmup_mode = "uniform"): then
+        # the step's weights are exactly uniform (strategy "uniform", no cap needed). A host-side
+        # decision from the step number, no device read.
+        temperature = self.temperature_schedule(self.step)
+        burn_in = temperature is None
+        self._strategy = "uniform" if burn_in else self.rw.strategy
+        self._cap = None if burn_in else self.rw.cap
+        if not burn_in:
+            self._set_temperature(temperature)
+        elif self._temperature_value is None:  # unused by "uniform", but the call takes a device scalar
+            self._set_temperature(self.rw.temperature)
         self._groups, self._fixed_weights, self._fb_calls = [], None, 0
         self.injector.before_step(self.step)
 
@@ -336,6 +348,7 @@ class ReweightTrainer(Trainer):
         self.last_weight_stats = self._groups  # for observability hooks and tests (device tensors)
         self.run_logger.record_step(StepRecord(
             step=self.step, groups=self._groups, temperature=temperature, lr=lr, grad_norm=grad_norm,
+            phase=self.temperature_schedule.phase(self.step),
             ntokens=self.tokens_per_step // self.dp_size, scores=scores,
             faults=FaultCounters(self._nonfinite_now, o.skipped_now, o.skipped_total, o.consecutive),
             provenance=provenance if self._want_provenance else None, inputs=sample_inputs,
