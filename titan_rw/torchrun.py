@@ -8,6 +8,9 @@ were signalled and exit 143 / 138, it also exits 1 (a failed child). Here:
 
 - the launcher stopped by a signal S exits 128 + S, after the same forwarding and wait;
 - every failed worker exiting with the same 128 + TERM or 128 + USR1 code: the launcher exits with it;
+- a failed worker exiting 2 (the run folder is in use by another run, the resume was
+  refused, a config error: said in one line by rank 0), the others 2 too or stopped by the
+  launcher's SIGTERM / SIGKILL: exit 2;
 - anything else is unchanged (0, or 1 with torchrun's error report).
 
 Everything else is torchrun itself, arguments included.
@@ -19,6 +22,7 @@ import signal
 import sys
 
 _SIGNAL_CODES = (128 + signal.SIGTERM, 128 + signal.SIGUSR1)
+_REFUSED = 2  # titan_rw.train's EXIT_FOLDER_IN_USE / EXIT_RESUME_REFUSED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         codes = {f.exitcode for f in e.failures.values()}
         if len(codes) == 1 and (code := codes.pop()) in _SIGNAL_CODES:
             return code  # the workers stopped on a signal, after their checkpoint
+        codes = {f.exitcode for f in e.failures.values()}
+        if _REFUSED in codes and codes <= {_REFUSED, -signal.SIGTERM, -signal.SIGKILL}:
+            return _REFUSED  # rank 0 said why in one line; the others exited 2 too or were stopped by torchrun
         raise
     return 0
 
