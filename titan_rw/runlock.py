@@ -275,6 +275,10 @@ class RunLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        try:  # a heartbeat cut short by a full disk leaves its temporary file
+            os.unlink(f"{self.path}.{self.token}.tmp")
+        except OSError:
+            pass
         if not self.held:
             return
         self.held = False
