@@ -182,6 +182,17 @@ def test_sigkill_and_resume_is_bit_identical(runs):
     assert all(len(v) == 16 for v in a_ref.values())
 
 
+def test_a_kill_9_runs_lock_does_not_block_the_resume(runs):
+    """The SIGKILLed run left `run.lock` naming its dead pid (titan_rw.runlock, rule 2): the resume
+    took it over in one line and released it at the end (docs/resuming.md "One run per folder")."""
+    import socket
+
+    lines = [ln for ln in runs["resume1_log"].splitlines() if "took over the stale lock" in ln]
+    assert len(lines) == 1, runs["resume1_log"][-4000:]
+    assert "is not running on " + socket.gethostname() in lines[0]
+    assert not os.path.exists(os.path.join(runs["base"], "kill1", "run.lock"))
+
+
 def _check_same_stream(ref_folder, *parts):
     """Per step the same 16 global rows as the reference, and over the run no row twice."""
     ref = _audit(ref_folder)
@@ -221,6 +232,8 @@ def test_torchrun_restart_after_a_killed_rank(runs):
         for k in KEYS:
             assert res[s][k] == ref[s][k], (s, k)
     assert _audit(runs["elastic"]) == _audit(runs["ref2"])
+    # the restarted rank 0 took the run lock (its first attempt's holder was stopped), released at the end
+    assert not os.path.exists(os.path.join(runs["elastic"], "run.lock"))
 
 
 def test_damaged_checkpoints_are_skipped_and_said_so(runs):

@@ -14,7 +14,8 @@ Sections mapped 1:1 onto TorchTitan's dataclasses accept exactly those dataclass
 `[profiler]` Profiler.Config. Sections of titan_rw's components, each beside its code:
 `[reweight]` titan_rw.reweight.ReweightConfig, `[logging]` titan_rw.observability.RunLogger.Config,
 `[fault]` titan_rw.faults.StopGuard.Config, `[fault_injection]` (tests) titan_rw.fault_injection,
-`[periodic_eval]` titan_rw.eval.periodic.PeriodicEvalConfig. `[checkpoint]` builds
+`[periodic_eval]` titan_rw.eval.periodic.PeriodicEvalConfig, `[run_lock]` titan_rw.runlock.RunLock.Config
+(read by `titan_rw.train`, which holds the lock). `[checkpoint]` builds
 titan_rw.checkpointing.ResumableCheckpointManager (TorchTitan's manager + fallback to the newest
 complete checkpoint; same keys). The logging keys that used to sit in `[reweight]` (log_interval,
 ...) still work there, with a deprecation warning (`DEPRECATED_KEYS`).
@@ -54,6 +55,7 @@ from titan_rw.fault_injection import FaultInjection
 from titan_rw.faults import NonFiniteSkipOptimizers, StopGuard
 from titan_rw.observability import RunLogger
 from titan_rw.reweight import STRATEGIES, ReweightConfig
+from titan_rw.runlock import RunLock
 from titan_rw.trainer import ReweightTrainer
 
 log = logging.getLogger("titan_rw")
@@ -125,6 +127,7 @@ OWN_SECTIONS: dict[str, type] = {
     "optimizer": OptimizerSection,
     "activation_checkpoint": ActivationCheckpointSection,
     "data": DataSection,
+    "run_lock": RunLock.Config,
 }
 TITAN_SECTIONS: dict[str, type] = {
     "training": TrainingConfig,
@@ -408,7 +411,7 @@ def validate(values: dict, source: str = "config", world_size: int | None = None
             "(the newest one may still be being written when the older ones are deleted)"
         )
     _checkpoint_section(values, source)
-    for name in ("logging", "fault"):
+    for name in ("logging", "fault", "run_lock"):
         try:
             _section(values, name).validate()
         except ValueError as e:

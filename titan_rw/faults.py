@@ -26,6 +26,8 @@ from torchtitan.tools.logging import logger
 
 # Exit code when max_consecutive_skips stops the run.
 EXIT_TOO_MANY_SKIPS = 3
+# Exit code when rank 0 could not write the metrics (a full disk): the run stops without a checkpoint.
+EXIT_WRITE_FAILED = 1
 # A signal repeated within this many seconds is the same request: Slurm's scancel / requeue /
 # pre-emption signals every process of the job step, and torchrun forwards the same signal to its
 # workers, so a rank gets it twice at once. Repeated later, it means "stop now".
@@ -167,21 +169,40 @@ class StopGuard:
         sys.stderr.write(f"[titan_rw] rank {self.rank}: received {signal.Signals(signum).name}; "
                          "will checkpoint and exit after the current step\n")
 
-    def _agreed_signal(self, step: int, last_step: int) -> int:
-        """Every signal_check_interval steps: the largest signal number any rank received (0: none).
+    def _agree(self, received: int, failed: bool) -> tuple[int, bool]:
+        """The largest signal number any rank received, and whether any rank's metrics writer failed.
         The default process group: a new gloo group would be cheaper on GPU, but after a torchrun
         restart its rendezvous can read the previous attempt's addresses from the store."""
-        if step % self.config.signal_check_interval != 0 and step < last_step:
-            return 0
         if self.world_size == 1:
-            return int(self._received)
-        flag = torch.tensor([int(self._received)], dtype=torch.int64, device=self.device)
+            return int(received), failed
+        flag = torch.tensor([int(received), int(failed)], dtype=torch.int64, device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag.item())  # on GPU: a device sync every signal_check_interval steps
+        sig, bad = flag.tolist()  # on GPU: a device sync every signal_check_interval steps
+        return int(sig), bool(bad)
 
-    def stop_reason(self, step: int, last_step: int, optimizers, log_step: bool) -> tuple[str, int] | None:
+    def check_before_save(self, step: int, write_failure: str | None) -> None:
+        """Before a checkpoint is written (every rank): stop, without it, when a rank's metrics writer
+        failed; a checkpoint must never cover steps whose rows are not on disk."""
+        _, bad = self._agree(0, write_failure is not None)
+        if bad:
+            self.stop_write_failed(step, write_failure)
+
+    def stop_write_failed(self, step: int, write_failure: str | None) -> None:
+        """Raise `TrainingStopped` (exit 1, no checkpoint): rank 0 carries the one line, others none."""
+        raise TrainingStopped(write_failure or "", EXIT_WRITE_FAILED)  # titan_rw.train prints it
+
+    def stop_reason(self, step: int, last_step: int, optimizers, log_step: bool,
+                    write_failure: str | None = None) -> tuple[str, int] | None:
         """After each step: why the run must stop now, with its exit code, or None. The skip check
-        reads the device counters on log steps only (every rank: the gradient norm is global)."""
+        reads the device counters on log steps only (every rank: the gradient norm is global). A
+        failed metrics write (`write_failure`, rank 0) stops every rank here without a checkpoint
+        (`TrainingStopped`, exit 1), agreed on with the signals every signal_check_interval steps."""
+        if step % self.config.signal_check_interval != 0 and step < last_step:
+            sig, bad = 0, False
+        else:
+            sig, bad = self._agree(self._received, write_failure is not None)
+        if bad:
+            self.stop_write_failed(step, write_failure)
         reason = None
         n = self.config.max_consecutive_skips
         if n > 0 and log_step and isinstance(optimizers, NonFiniteSkipOptimizers):
@@ -190,7 +211,6 @@ class StopGuard:
                 reason = (f"{worst} consecutive optimizer steps skipped for a non-finite gradient norm or loss "
                           f"(fault.max_consecutive_skips = {n}); the model is that of the last good step",
                           EXIT_TOO_MANY_SKIPS)
-        sig = self._agreed_signal(step, last_step)
         if sig and reason is None:
             code = 128 + sig if self.config.signal_exit_code == -1 else self.config.signal_exit_code
             reason = (f"{signal.Signals(sig).name} received", code)

@@ -41,6 +41,12 @@ in one chart, the domains' weights overlaid, health, performance.
 
 The k most / least weighted samples also go to `<dump_folder>/samples.jsonl`.
 
+Both files survive tears (docs/resuming.md "Torn lines, full disk"): before the first append, a
+torn last line (the half row a kill or a full disk leaves) is cut away, one log line for both files
+(`cut_torn_tail`); `read_metrics` / `read_samples` ignore a torn last line. A write that fails
+(no space left, quota, read-only) sets `RunLogger.failure` to one line and stops every later write;
+the trainer stops the run on it before any further checkpoint (titan_rw.faults.StopGuard).
+
 Only rank 0 (or the `rank` given as the writer) writes; on other ranks every call is a no-op.
 """
 
@@ -328,9 +334,15 @@ class RunLogger:
         self.writer = None
         self._own_writer = False
         self.tb_dir = None
+        self.failure: str | None = None  # one line once a write failed; nothing is written after it
         if not self.enabled:
             return
         os.makedirs(dump_folder, exist_ok=True)
+        _quiet_tensorboard_thread_errors()
+        cut = {p: cut_torn_tail(p) for p in (self.metrics_path, self.samples_path)}
+        if any(cut.values()):
+            _log.warning("titan_rw logging: cut a torn last line (a run killed mid-write) before appending: "
+                         + ", ".join(f"{os.path.basename(p)} {n} bytes" for p, n in cut.items() if n))
         if tensorboard:
             if writer is not None:
                 self.writer = writer
@@ -530,6 +542,9 @@ class RunLogger:
         TensorBoard. Returns the rows written (for a console line)."""
         if not self.enabled or not self._pending:
             return []
+        if self.failure is not None:  # a write failed: the trainer stops at its next check
+            self._pending, self._dev, self._dev_len = [], [], 0
+            return []
         flat = torch.cat(self._dev).cpu().numpy() if self._dev else np.zeros(0, np.float32)  # the one read
         pending, self._pending, self._dev, self._dev_len = self._pending, [], [], 0
 
@@ -543,7 +558,7 @@ class RunLogger:
         tps = self._ntokens / dt if self._ntokens else None
         self._t_last, self._ntokens = now, 0
 
-        rows, samples = [], []
+        rows, samples, tb = [], [], []
         for e in pending:
             v = get(e["row"])
             row: dict[str, Any] = {"step": e["step"]}
@@ -578,15 +593,37 @@ class RunLogger:
                     samples.append(self._samples(e["step"], e["prov"], idx, weights, valid, losses, inputs, group_b, scale))
             self._window.append((row["max_weight"], row["bound_ratio"]))
             rows.append(row)
-            self._write_tb(row, e, weights, valid, losses, scale)
-        self._write_window(rows[-1]["step"])
-        self._write_jsonl(rows, samples)
-        if self.writer is not None:
-            for s in samples:
-                for which in ("top", "bottom"):
-                    self.writer.add_text(TEXT_TAGS[which], _samples_markdown(s, which), s["step"])
-            self.writer.flush()
+            tb.append((row, e, weights, valid, losses, scale))
+        try:
+            for args in tb:
+                self._write_tb(*args)
+            self._write_window(rows[-1]["step"])
+            self._write_jsonl(rows, samples)
+            if self.writer is not None:
+                for s in samples:
+                    for which in ("top", "bottom"):
+                        self.writer.add_text(TEXT_TAGS[which], _samples_markdown(s, which), s["step"])
+                self.writer.flush()
+        except OSError as err:  # a full disk, a quota, a read-only remount: one line, the run stops
+            self._fail(err, rows[-1]["step"])
+            return []
         return rows
+
+    def _fail(self, err: OSError, step: int | None) -> None:
+        self.failure = write_failure(err, self.metrics_path, step)
+        for fh in (self._fh, self._samples_fh):  # their buffers would fail again on close
+            if fh is not None:
+                try:
+                    fh.close()
+                except OSError:
+                    pass
+        self._fh = self._samples_fh = None
+        if self.writer is not None and self._own_writer:
+            try:
+                self.writer.close()
+            except Exception:  # noqa: BLE001 - the event file is on the same full disk
+                pass
+        self.writer = None
 
     def _write_tb(self, row, e, weights, valid, losses, scale) -> None:
         wr = self.writer
@@ -701,10 +738,13 @@ class RunLogger:
     def sync(self) -> None:
         """fsync the rows written so far (metrics and samples): called before a checkpoint that
         covers them is complete."""
-        for fh in (self._fh, self._samples_fh):
-            if fh is not None:
-                fh.flush()
-                os.fsync(fh.fileno())
+        try:
+            for fh in (self._fh, self._samples_fh):
+                if fh is not None:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        except OSError as err:
+            self._fail(err, None)
 
     def close(self) -> None:
         """Flush what is pending and close the files (and the writer if this logger opened it)."""
@@ -713,15 +753,18 @@ class RunLogger:
         try:
             self.flush()
         finally:
-            for fh in (self._fh, self._samples_fh):
-                if fh is not None:
-                    fh.close()
-            self._fh = self._samples_fh = None
-            if self.writer is not None:
-                self.writer.flush()
-                if self._own_writer:
-                    self.writer.close()
-                self.writer = None
+            try:
+                for fh in (self._fh, self._samples_fh):
+                    if fh is not None:
+                        fh.close()
+                self._fh = self._samples_fh = None
+                if self.writer is not None:
+                    self.writer.flush()
+                    if self._own_writer:
+                        self.writer.close()
+                    self.writer = None
+            except OSError as err:
+                self._fail(err, None)
 
 
 # ---------------------------------------------------------------------- provenance helpers
@@ -863,6 +906,78 @@ class _DocLookup:
 
 
 # ---------------------------------------------------------------------- reading back
+def cut_torn_tail(path: str) -> int:
+    """Cut a torn last line (bytes after the last newline) from the JSONL file `path`; the bytes
+    cut (0 when the file ends with a newline or does not exist). A row is written whole with its
+    newline, so bytes after the last one are a row cut short by a kill or a full disk."""
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+    if size == 0:
+        return 0
+    with open(path, "rb+") as fh:
+        end, chunk = size, 1 << 16
+        while end > 0:
+            start = max(0, end - chunk)
+            fh.seek(start)
+            buf = fh.read(end - start)
+            nl = buf.rfind(b"\n")
+            if nl >= 0:
+                keep = start + nl + 1
+                break
+            end = start
+        else:
+            keep = 0
+        if keep < size:
+            fh.truncate(keep)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return size - keep
+
+
+def _quiet_tensorboard_thread_errors() -> None:
+    """TensorBoard writes event files from a thread, which prints its OSError (a full disk) as a
+    traceback and raises it again at the writer's next call, where `RunLogger.flush` turns it into
+    the one line of `write_failure`: the thread's copy is not printed (once per process)."""
+    import threading
+
+    prev = threading.excepthook
+    if getattr(prev, "_titan_rw", False):
+        return
+
+    def hook(args):
+        if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+            return
+        prev(args)
+
+    hook._titan_rw = True
+    threading.excepthook = hook
+
+
+_WRITE_ERRORS = {"ENOSPC": "no space left on device", "EDQUOT": "disk quota exceeded",
+                 "EROFS": "read-only file system", "EACCES": "permission denied"}
+
+
+def write_failure(e: OSError, path: str, step: int | None) -> str:
+    """The one line for a metrics file that could not be written (what, where, what to do)."""
+    import errno as _errno
+
+    what = next((v for k, v in _WRITE_ERRORS.items() if e.errno == getattr(_errno, k, None)), None)
+    what = what or f"{e.strerror or type(e).__name__} (errno {e.errno})"
+    where = getattr(e, "filename", None) or path
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+        free = f"; {st.f_bavail * st.f_frsize} bytes free there"
+    except OSError:
+        free = ""
+    at = f" at step {step}" if step is not None else ""
+    return (f"titan_rw logging: {what} while writing {where}{at}{free}; the run stopped without writing "
+            f"another checkpoint, so every complete checkpoint and the metrics rows it covers are intact. "
+            f"Free space and start the same command again: it resumes from the newest complete checkpoint "
+            f"(the torn row is cut on open)")
+
+
 def metrics_path(run_dir: str) -> str:
     return run_dir if os.path.isfile(run_dir) else os.path.join(run_dir, METRICS_FILE)
 

@@ -8,8 +8,9 @@ were signalled and exit 143 / 138, it also exits 1 (a failed child). Here:
 
 - the launcher stopped by a signal S exits 128 + S, after the same forwarding and wait;
 - every failed worker exiting with the same 128 + TERM or 128 + USR1 code: the launcher exits with it;
-- every failed worker exiting 2 (a user error: a config key, the data, a refused resume, which rank 0
-  has said in one line): the launcher exits 2, without torchrun's error report;
+- a failed worker exiting 2 (a user error: a config key, the data, the run folder in use by another
+  run, a refused resume, said in one line by rank 0), the others 2 too or stopped by the
+  launcher's SIGTERM / SIGKILL: the launcher exits 2, without torchrun's error report;
 - anything else is unchanged (0, or 1 with torchrun's error report).
 
 Everything else is torchrun itself, arguments included.
@@ -21,7 +22,7 @@ import signal
 import sys
 
 _SIGNAL_CODES = (128 + signal.SIGTERM, 128 + signal.SIGUSR1)
-_USER_ERROR = 2  # titan_rw.train.EXIT_USER_ERROR / EXIT_RESUME_REFUSED
+_USER_ERROR = 2  # titan_rw.train's EXIT_USER_ERROR / EXIT_FOLDER_IN_USE / EXIT_RESUME_REFUSED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,10 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         codes = {f.exitcode for f in e.failures.values()}
         if len(codes) == 1 and (code := next(iter(codes))) in _SIGNAL_CODES:
             return code  # the workers stopped on a signal, after their checkpoint
-        # a user error: the first rank to fail exited 2, the others with 2 or stopped by the launcher
-        if e.get_first_failure()[1].exitcode == _USER_ERROR and codes <= {_USER_ERROR, -signal.SIGTERM,
-                                                                          128 + signal.SIGTERM}:
-            return _USER_ERROR
+        if _USER_ERROR in codes and codes <= {_USER_ERROR, -signal.SIGTERM, -signal.SIGKILL, 128 + signal.SIGTERM}:
+            return _USER_ERROR  # rank 0 said why in one line; the others exited 2 too or were stopped
         raise
     return 0
 

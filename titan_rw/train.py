@@ -21,6 +21,8 @@ EXIT_RESUME_REFUSED = 2
 # Exit code of a user error found before (or while) building the run: a config key, a data path,
 # input data that cannot be trained on (docs/data.md). One line on stderr, no traceback.
 EXIT_USER_ERROR = 2
+# Exit code when another live run holds the folder's lock (titan_rw.runlock): nothing was built.
+EXIT_FOLDER_IN_USE = 2
 USAGE = "titan_rw.train --config FILE [--nproc N] [--section.key value ...]"
 
 
@@ -157,22 +159,93 @@ def run(config) -> int:
     """Build the trainer from a `ReweightTrainer.Config` and train (TorchTitan's main, unchanged in
     spirit). Returns the exit code: 0 when the run finished (or the seed checkpoint was written);
     `TrainingStopped.exit_code` when it stopped on purpose after a checkpoint (SIGTERM/SIGUSR1:
-    128 + signal by default; too many skipped steps: 3). See docs/resuming.md."""
+    128 + signal by default; too many skipped steps: 3); 2 when another run holds the folder's lock
+    (nothing was built). See docs/resuming.md."""
     import torch
-    from torchtitan.observability import structured_logger as sl
     from torchtitan.tools.logging import init_logger, logger
 
     from titan_rw import compat
-    from titan_rw.checkpointing import CheckpointSaveError, ResumeError
-    from titan_rw.config import save_run_config
-    from titan_rw.data.parquet import DataError
-    from titan_rw.faults import TrainingStopped
+    from titan_rw.runlock import RunLockBusy
 
     init_logger()
     from titan_rw.progress import quiet_console
 
     quiet_console(logger, cpu=not torch.cuda.is_available())
     compat.log_applied(logger)
+    try:
+        lock = _take_run_lock(config)  # before anything is built, on every rank
+    except RunLockBusy as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(str(e), file=sys.stderr)
+        return EXIT_FOLDER_IN_USE
+    try:
+        return _run_locked(config)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _take_run_lock(config):
+    """Rank 0 takes `<dump_folder>/run.lock` (titan_rw.runlock); under torchrun it tells the other
+    ranks the outcome through the launcher's store, before any process group exists, so that all
+    stop when it refuses. Returns the held lock (rank 0) or None; raises RunLockBusy on every rank."""
+    from titan_rw.runlock import RunLock, RunLockBusy
+
+    cfg = RunLock.Config(**config.run_values.get("run_lock", {}))
+    if not cfg.enable:
+        return None
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    store = None
+    if world > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        from datetime import timedelta
+
+        from torch.distributed import TCPStore
+
+        # torchrun's agent hosts this store for the whole job; the key is per attempt
+        store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=config.comm.init_timeout_seconds))
+    key = (f"titan_rw/run_lock/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
+           f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+    if rank != 0:
+        if store is None:  # another launcher: rank 0 alone decides, these ranks learn it at rendezvous
+            return None
+        verdict = store.get(key).decode()
+        if verdict:
+            raise RunLockBusy(verdict)
+        return None
+    lock = cfg.build(config.dump_folder)
+    try:
+        lock.acquire()
+    except RunLockBusy as e:
+        if store is not None:
+            store.set(key, str(e))
+        raise
+    except OSError as e:  # the folder was checked at start (config.preflight); it changed since
+        msg = (f"titan_rw: cannot write the run lock {lock.path} ({e.strerror or e}); check "
+               f"--job.dump_folder {config.dump_folder}")
+        if store is not None:
+            store.set(key, msg)
+        raise RunLockBusy(msg) from None
+    if store is not None:
+        store.set(key, "")
+    return lock
+
+
+def _run_locked(config) -> int:
+    import torch
+    from torchtitan.observability import structured_logger as sl
+    from torchtitan.tools.logging import logger
+
+    from titan_rw.checkpointing import CheckpointSaveError, ResumeError
+    from titan_rw.config import save_run_config
+    from titan_rw.data.parquet import DataError
+    from titan_rw.faults import TrainingStopped
+
+    import logging
+
+    # A log handler that fails (TorchTitan's structured log on a full disk) must not print a traceback
+    # per record: the run's own writers stop it with one line at their next write (docs/resuming.md).
+    logging.raiseExceptions = False
     sl.init_structured_logger(source="training", output_dir=config.dump_folder,
                               enable=config.debug.enable_structured_logging)
     trainer = None
@@ -198,7 +271,8 @@ def run(config) -> int:
                 logger.warning(f"titan_rw: no run summary ({type(e).__name__}: {e})")
     except TrainingStopped as e:
         code = e.exit_code
-        print(str(e), file=sys.stderr)
+        if str(e):  # a metrics write failure: rank 0 says it, the others stop silently
+            print(str(e), file=sys.stderr)
     except ResumeError as e:  # the run folder's checkpoints do not fit this run: nothing was run
         code = EXIT_RESUME_REFUSED
         if os.environ.get("RANK", "0") == "0":
@@ -212,6 +286,15 @@ def run(config) -> int:
             pass  # while building, every rank reads the same data and finds the same error
         else:
             print(f"titan_rw: data error: {e}", file=sys.stderr)
+    except OSError as e:
+        from titan_rw.observability import write_failure
+
+        if not _is_full_or_readonly(e):
+            if trainer is not None:
+                trainer.close()
+            raise
+        code = 1  # e.g. TensorBoard's event file at start: the same one line as the metrics writer's
+        print(write_failure(e, os.path.join(config.dump_folder, "metrics.jsonl"), None), file=sys.stderr)
     except BaseException:
         if trainer is not None:
             trainer.close()
@@ -221,6 +304,12 @@ def run(config) -> int:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return code
+
+
+def _is_full_or_readonly(e: OSError) -> bool:
+    import errno
+
+    return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
 def _print_summary(trainer, config) -> None:
@@ -235,12 +324,9 @@ def _print_summary(trainer, config) -> None:
     path = getattr(rl, "metrics_path", None)
     final = None
     if path and os.path.isfile(path):
-        import json
+        from titan_rw.observability import read_metrics
 
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    final = json.loads(line)
+        final = read_metrics(path)[-1]  # the last step's row (a torn last line is ignored)
     ck = getattr(trainer, "checkpointer", None)
     folder = getattr(ck, "folder", None) if getattr(ck, "enable", False) else None
     print(run_summary(config.dump_folder, steps=trainer.step, final=final, checkpoint_folder=folder,

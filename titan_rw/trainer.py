@@ -405,13 +405,21 @@ class ReweightTrainer(Trainer):
                         )
                     self.injector.after_step(self.step)
                     why = self.stop_guard.stop_reason(self.step, config.training.steps, self.optimizers,
-                                                      self.run_logger.is_log_step(self.step))
+                                                      self.run_logger.is_log_step(self.step),
+                                                      write_failure=self.run_logger.failure)
                     if why is not None:
                         saved = self.checkpointer.save_now(self.step)
                         self.stop_guard.stop(self.step, why, os.path.join(self.checkpointer.folder, f"step-{self.step}")
                                              if saved else None)
         self.checkpointer.maybe_wait_for_saving()
         logger.info("Training completed")
+
+    def _before_checkpoint(self, step: int) -> None:
+        """The checkpointer's `before_save`: the covered steps' metrics rows on disk, then every rank
+        agrees that they are; if rank 0 could not write them (a full disk), the run stops without
+        this checkpoint (exit 1, docs/resuming.md "Torn lines, full disk")."""
+        self.run_logger.before_checkpoint(step)
+        self.stop_guard.check_before_save(step, self.run_logger.failure)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -447,15 +455,21 @@ class ReweightTrainer(Trainer):
         self.run_logger.resumed_at(self.step)
 
     def close(self) -> None:
+        write_failed = False
         if self.run_logger is not None:  # idempotent: None once closed
             try:
                 self.run_logger.close()  # flushes what is pending
             except Exception as e:  # noqa: BLE001  closing must not mask the original error
                 logger.warning(f"titan_rw: could not flush the last metrics: {e}")
+            write_failed = self.run_logger.failure is not None
             self.run_logger = None
         for part in ("audit", "stop_guard"):
             if getattr(self, part) is not None:
                 getattr(self, part).close()
                 setattr(self, part, None)
-        super().close()
+        try:
+            super().close()
+        except OSError:  # TorchTitan's TensorBoard writer on the disk that filled: already said in one line
+            if not write_failed:
+                raise
 
