@@ -236,10 +236,12 @@ class ResumableCheckpointManager(CheckpointManager):
         saved = None if filesystem.is_remote(path) or not os.path.isdir(path) else read_run_values(path)
         if saved is None:
             return None
-        bad = config_changes(saved, self.run_values, MUST_MATCH)
+        # both as JSON stores them (tuples are lists), whatever the checkpoint's format
+        saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(self.run_values))
+        bad = config_changes(saved, current, MUST_MATCH)
         if bad:
             return mismatch_message(path, bad)
-        self._changes[step] = config_changes(saved, self.run_values, LOGGED)
+        self._changes[step] = config_changes(saved, current, LOGGED)
         return None
 
     def _find_load_step(self, folder: str = "") -> int:
