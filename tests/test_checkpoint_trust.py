@@ -2,7 +2,7 @@
 
 One uninterrupted reference run (6 steps, a checkpoint every step, keep_latest_k 0) is copied and
 its checkpoints edited the way the world edits them; each copy is then resumed with the real
-trainer (docs/resuming.md):
+trainer (docs/design.md §6, docs/resuming.md):
 
 - a checkpoint written by an earlier version (today's main: our state pickled, the RNG state a
   pickled tensor and numpy array) resumes bit-exactly; a newer `.metadata` that unpickles to

@@ -38,7 +38,7 @@ This manager adds, on automatic resume (`load_step = -1`):
    complete one);
 10. async saves: a failed background save is reported when it is waited for, naming its own step
    and the newest checkpoint known complete (a save counts as complete once written, not staged);
-11. no pickle of ours (docs/resuming.md, "Trust"): our state is stored as JSON in uint8 tensors
+11. no pickle of ours (docs/design.md §6; docs/resuming.md, "Trust"): our state is stored as JSON in uint8 tensors
    (`json_tensor`), DCP's non-tensor values are read with `torch.load(weights_only=True)`
    (`PlainLoadPlanner`), and the pickles of checkpoints written by earlier versions are read by
    `_PlainUnpickler` (plain containers, numbers, strings, tensors, numpy arrays; nothing else).
