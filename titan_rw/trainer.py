@@ -39,7 +39,6 @@ import titan_rw  # noqa: F401  (compat patches before torchtitan)
 
 import dataclasses
 import os
-import pickle
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Iterator
@@ -55,7 +54,7 @@ from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
 from titan_rw import compat
-from titan_rw.checkpointing import rng_state, set_rng_state
+from titan_rw.checkpointing import json_tensor, load_plain, rng_state, set_rng_state
 from titan_rw.eval.periodic import PeriodicEvalConfig
 from titan_rw.fault_injection import FaultInjection
 from titan_rw.faults import EXIT_TOO_MANY_SKIPS, NonFiniteSkipOptimizers, RowAudit, StopGuard, TrainingStopped  # noqa: F401
@@ -364,13 +363,29 @@ class ReweightTrainer(Trainer):
 
     # ------------------------------------------------------------------ the loop
     def resume(self) -> int:
-        """Load the newest complete checkpoint (or `checkpoint.load_step`); the step resumed from."""
+        """Load the newest complete checkpoint (or `checkpoint.load_step`); the step resumed from.
+        The optimizer's hyperparameters are this run's config (docs/resuming.md, "Changed optimizer
+        keys"): the checkpoint's param groups would otherwise keep its lr for the first step."""
+        configured = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
+                      for o in self.optimizers.optimizers]
         self.checkpointer.load(step=self.config.checkpoint.load_step)
+        self._apply_configured_hyperparameters(configured)
         if self.step:
             logger.info(f"titan_rw: resumed from the checkpoint of step {self.step} "
                         f"(data cursor, optimizer, LR and temperature schedules, RNG restored)")
         self._resumed = True
         return self.step
+
+    def _apply_configured_hyperparameters(self, configured: list[list[dict]]) -> None:
+        """Every param group's hyperparameters as this run's optimizer built them, and its lr at the
+        loaded schedule position (TorchTitan's LR load recomputes it from this run's base lr)."""
+        for o, sched, groups in zip(self.optimizers.optimizers, self.lr_schedulers.schedulers, configured):
+            for g, hp, lr in zip(o.param_groups, groups, sched.get_last_lr()):
+                g.update({k: v for k, v in hp.items() if k != "lr"})
+                if isinstance(g["lr"], torch.Tensor):
+                    g["lr"].fill_(lr)
+                else:
+                    g["lr"] = lr
 
     @record
     def train(self):
@@ -423,31 +438,33 @@ class ReweightTrainer(Trainer):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """TorchTitan's train state (step, ntokens_seen) + ours, pickled into one bytes value (DCP
-        stores it once; any world size loads it): the temperature schedule, the RunLogger (rank 0's),
-        the skip counters and the RNG states (rank 0's: TorchTitan seeds every DP rank alike)."""
+        """TorchTitan's train state (step, ntokens_seen) + ours as one JSON value in a uint8 tensor
+        (`titan_rw.checkpointing.json_tensor`: no pickle; DCP stores it once, any world size loads
+        it): the temperature schedule, the RunLogger (rank 0's), the skip counters, the RNG states
+        (rank 0's: TorchTitan seeds every DP rank alike) and the run config (the resume check)."""
         sd = Trainer.state_dict(self)
-        rl = self.run_logger.state_dict()
-        if self.world_size > 1:  # only rank 0's RunLogger is enabled
-            box = [rl]
-            torch.distributed.broadcast_object_list(box, src=0)
-            rl = box[0]
         extra = {
-            "version": 1,
+            "version": 2,
             "temperature_last_step": self.temperature_schedule.last_step,
-            "run_logger": rl,
+            "run_logger": self.run_logger.state_dict(),
             **self.optimizers.skip_state(),
             "rng": rng_state(),
             "run_values": self.config.run_values,  # the resume check (titan_rw.checkpointing)
         }
-        sd["titan_rw"] = pickle.dumps(extra)
+        if self.world_size > 1:  # only rank 0's RunLogger is enabled; one value on every rank
+            box = [extra]
+            torch.distributed.broadcast_object_list(box, src=0)
+            extra = box[0]
+        sd["titan_rw"] = json_tensor(extra)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Also reads the pickled bytes of checkpoints of earlier versions (version 1), as plain data
+        only (`titan_rw.checkpointing.load_plain`)."""
         Trainer.load_state_dict(self, state_dict)
         raw = state_dict.get("titan_rw")
         if raw is not None:
-            extra = pickle.loads(raw) if isinstance(raw, (bytes, bytearray)) else raw
+            extra = load_plain(raw, "train_state.titan_rw")
             self.temperature_schedule.last_step = int(extra["temperature_last_step"])
             self.run_logger.load_state_dict(extra["run_logger"])
             self.optimizers.load_skip_state(extra)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -464,7 +463,9 @@ class TokenDataLoader(BaseDataLoader):
     def state_dict(self) -> dict[str, Any]:
         """World-size free: every rank returns the same single key, so DCP stores one copy and any
         number of ranks can load it."""
-        return {STATE_KEY: pickle.dumps(self.stream.state())}
+        from titan_rw.checkpointing import json_tensor
+
+        return {STATE_KEY: json_tensor(self.stream.state())}  # JSON in a uint8 tensor: no pickle
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
@@ -473,7 +474,9 @@ class TokenDataLoader(BaseDataLoader):
             logger.warning("dataloader state has no %s (keys %s); starting from the beginning",
                            STATE_KEY, sorted(state_dict))
             return
-        raw = state_dict[STATE_KEY]
-        st = pickle.loads(raw) if isinstance(raw, (bytes, bytearray)) else raw
+        from titan_rw.checkpointing import load_plain
+
+        # this version: a JSON tensor; earlier versions: pickled bytes, read as plain data only
+        st = load_plain(state_dict[STATE_KEY], f"dataloader.{STATE_KEY}")
         self.stream.load(st)
         self._last = []
