@@ -17,7 +17,7 @@ train: setup
 	$(VENV)/bin/titan-rw train --config train_configs/debug_cpu.toml $(if $(STEPS),--training.steps $(STEPS),)
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 clean:
 	rm -rf runs .pytest_cache
