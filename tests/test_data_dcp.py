@@ -36,7 +36,10 @@ def _worker(rank: int, world: int, port: int, path: str, ckpt: str, out: str, ph
                 next(it)
             dcp.save({"dataloader": dl}, checkpoint_id=ckpt)
         else:
-            dcp.load({"dataloader": dl}, checkpoint_id=ckpt)
+            from titan_rw.checkpointing import PlainLoadPlanner
+
+            # the planner the checkpoint manager loads with: it sizes the JSON state tensor to the saved one
+            dcp.load({"dataloader": dl}, checkpoint_id=ckpt, planner=PlainLoadPlanner())
             x, _ = dl.next_batch()
             torch.save(x["input"], os.path.join(out, f"rank{rank}.pt"))
     finally:
