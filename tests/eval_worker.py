@@ -14,11 +14,20 @@ import os
 import sys
 
 
+def _free_port() -> str:
+    """A port no one listens on now (a fixed default collided with another suite's run of this worker)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def main() -> None:
     run_dir, step, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     overrides = sys.argv[sys.argv.index("--") + 1:]
     os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29731"))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT") or _free_port())
     import torch
 
     from titan_rw import config as cfgmod
