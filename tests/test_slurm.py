@@ -141,6 +141,16 @@ def _log(tmp: Path, job_id: str) -> str:
     return p.read_text(errors="replace") if p.exists() else "(no job log)"
 
 
+def _why(tmp: Path, job_id: str, run_dir: Path, *what: object) -> str:
+    """A failure message in full (pytest shortens a non-string message to ~240 characters): what
+    was seen, the job log, and the tail of every rank's own log (the job log shows local rank 0)."""
+    parts = [" ".join(map(str, what)), f"--- job log slurm-{job_id}.out ---", _log(tmp, job_id)]
+    for p in sorted((run_dir / "logs").rglob("*")) if (run_dir / "logs").is_dir() else []:
+        if p.is_file() and p.stat().st_size:
+            parts += [f"--- {p.relative_to(run_dir)} (tail) ---", p.read_text(errors="replace")[-3000:]]
+    return "\n".join(parts)
+
+
 def _cancel(job_id: str) -> None:
     _sh("scancel", job_id)
 
@@ -156,9 +166,9 @@ def test_sbatch_debug_cpu_completes_with_metrics_and_checkpoint(tmp_path):
         log = _log(tmp_path, job)
         info = _job(job)
         assert r.returncode == 0, f"sbatch --wait exit {r.returncode}: {r.stderr}\n{log}"
-        assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", (info, log)
+        assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", _why(tmp_path, job, run, info)
         assert _steps(run) == list(range(1, steps + 1)), log
-        assert steps in _checkpoints(run), (sorted(p.name for p in (run / "checkpoint").glob("*")), log)
+        assert steps in _checkpoints(run), _why(tmp_path, job, run, sorted(p.name for p in (run / "checkpoint").glob("*")))
         assert "rendezvous localhost:" in log and "restart 0" in log, log
     finally:
         _cancel(job)
@@ -176,7 +186,7 @@ def test_scontrol_requeue_resumes_from_checkpoint(tmp_path):
         deadline = time.time() + 300
         while not (_checkpoints(run) and max(_steps(run), default=0) > _checkpoints(run)[0]):
             state = _job(job).get("JobState")
-            assert state in ("PENDING", "CONFIGURING", "RUNNING"), (state, _log(tmp_path, job))
+            assert state in ("PENDING", "CONFIGURING", "RUNNING"), _why(tmp_path, job, run, state)
             assert time.time() < deadline, f"no checkpoint after 300 s\n{_log(tmp_path, job)}"
             time.sleep(0.3)
         assert max(_steps(run)) < steps, "the job finished before it could be requeued: raise steps"
@@ -202,7 +212,7 @@ def test_scontrol_requeue_resumes_from_checkpoint(tmp_path):
             time.sleep(1)
         log = _log(tmp_path, job)
         info = _job(job)
-        assert state == "COMPLETED" and info.get("ExitCode") == "0:0", (info, log)
+        assert state == "COMPLETED" and info.get("ExitCode") == "0:0", _why(tmp_path, job, run, info)
         assert info.get("Restarts") == "1", info
         after = _steps(run)
         new = after[len(before):] if after[: len(before)] == before else after
@@ -239,13 +249,13 @@ def test_usr1_before_time_limit_checkpoints_and_requeues_itself(tmp_path):
         deadline = time.time() + 300
         while len(_steps(run)) < 3:
             state = _job(job).get("JobState")
-            assert state in ("PENDING", "CONFIGURING", "RUNNING"), (state, _log(tmp_path, job))
+            assert state in ("PENDING", "CONFIGURING", "RUNNING"), _why(tmp_path, job, run, state)
             assert time.time() < deadline, _log(tmp_path, job)
             time.sleep(0.5)
         assert _sh("scancel", "--batch", "--signal=USR1", job).returncode == 0
         deadline = time.time() + 400
         while (state := _job(job).get("JobState")) != "COMPLETED":
-            assert state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), (state, _log(tmp_path, job))
+            assert state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), _why(tmp_path, job, run, state)
             assert time.time() < deadline, _log(tmp_path, job)
             time.sleep(1)
         log = _log(tmp_path, job)

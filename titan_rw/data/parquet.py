@@ -27,6 +27,9 @@ class DataError(ValueError):
     """Bad input data; the message names the offending file."""
 
 
+MAX_SKIPPED_EXAMPLES = 20  # examples kept in ReadStats.skipped_examples
+
+
 @dataclass
 class ReadStats:
     documents: int = 0
@@ -36,7 +39,7 @@ class ReadStats:
 
     def skip(self, kind: str, where: str) -> None:
         setattr(self, kind, getattr(self, kind) + 1)
-        if len(self.skipped_examples) < 20:
+        if len(self.skipped_examples) < MAX_SKIPPED_EXAMPLES:
             self.skipped_examples.append(f"{kind}: {where}")
         logger.debug("skipping %s document at %s", kind.replace("_", " "), where)
 

@@ -14,7 +14,8 @@ import time
 
 import numpy as np
 
-from titan_rw.data.parquet import DataError, ReadStats, expand_parquet_paths, iter_parquet_documents
+from titan_rw.data.parquet import MAX_SKIPPED_EXAMPLES, DataError, ReadStats, expand_parquet_paths, iter_parquet_documents
+from titan_rw.data import token_cache
 from titan_rw.data.shards import Part, TokenSource, _dataset_name
 
 logger = logging.getLogger("titan_rw.data")
@@ -32,7 +33,23 @@ def tokenize_texts(tokenizer, texts: list[str], add_bos: bool, add_eos: bool) ->
 
 
 def parquet_part(path: str, tokenizer, *, add_bos=True, add_eos=True, text_key="text", stats: ReadStats | None = None) -> Part:
+    """One parquet file tokenized (or read back from `TITAN_RW_TOKEN_CACHE_DIR`, titan_rw.data.token_cache)."""
+    key = token_cache.entry_key(path, tokenizer, add_bos=add_bos, add_eos=add_eos, text_key=text_key) \
+        if token_cache.folder() else None
+    entry = token_cache.load(key) if key else None
+    if entry is None:
+        entry = _tokenize_part(path, tokenizer, add_bos=add_bos, add_eos=add_eos, text_key=text_key)
+        if key:
+            token_cache.store(key, **entry)
+    if stats is not None:
+        _merge_stats(stats, entry["stats"])
+    return Part(name=path, tokens=entry["tokens"], doc_ends=entry["doc_ends"], domain_codes=entry["domain_codes"],
+                domain_names=entry["domain_names"], ids=entry["ids"])
+
+
+def _tokenize_part(path: str, tokenizer, *, add_bos, add_eos, text_key) -> dict:
     texts, ids, domains = [], [], []
+    stats = ReadStats()
     for text, doc_id, domain, _ in iter_parquet_documents(path, text_key=text_key, stats=stats):
         texts.append(text)
         ids.append(doc_id)
@@ -44,14 +61,23 @@ def parquet_part(path: str, tokenizer, *, add_bos=True, add_eos=True, text_key="
     tokens = np.fromiter((t for e in encoded for t in e), dtype=dtype, count=int(lengths.sum()))
     names = sorted(set(domains))
     lookup = {n: i for i, n in enumerate(names)}
-    return Part(
-        name=path,
-        tokens=tokens,
-        doc_ends=np.cumsum(lengths).astype(np.int64),
-        domain_codes=np.array([lookup[d] for d in domains], dtype=np.int32),
-        domain_names=names,
-        ids=ids,
-    )
+    return {
+        "tokens": tokens,
+        "doc_ends": np.cumsum(lengths).astype(np.int64),
+        "domain_codes": np.array([lookup[d] for d in domains], dtype=np.int32),
+        "domain_names": names,
+        "ids": ids,
+        "stats": {"documents": stats.documents, "empty": stats.empty, "invalid_utf8": stats.invalid_utf8,
+                  "skipped_examples": stats.skipped_examples},
+    }
+
+
+def _merge_stats(into: ReadStats, one: dict) -> None:
+    """One file's counts added to the run's (the examples capped as `ReadStats.skip` caps them)."""
+    into.documents += one["documents"]
+    into.empty += one["empty"]
+    into.invalid_utf8 += one["invalid_utf8"]
+    into.skipped_examples.extend(one["skipped_examples"][: max(0, MAX_SKIPPED_EXAMPLES - len(into.skipped_examples))])
 
 
 _CACHE: dict = {}
