@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from titan_rw import compat
-from torch_envs import other_python, py_json, train_equals_this_torch
+from torch_envs import other_python, py_json, train_equals_this_torch, this_torch_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -167,8 +167,8 @@ print(json.dumps(dict(applied=list(titan_rw.compat.applied_patches()), refused=r
 
 # ------------------------------------------------------------------------------------ training smoke
 @pytest.mark.slow
-def test_train_on_torch211_equals_torch213(py211, tmp_path):
-    log = train_equals_this_torch(py211, tmp_path, "t211")
+def test_train_on_torch211_equals_torch213(py211, tmp_path, tmp_path_factory):
+    log = train_equals_this_torch(py211, tmp_path, "t211", this_torch_reference(tmp_path_factory))
     assert "torch 2.11.0" in log and "trunc_normal_2_13" in log
 
 

@@ -21,7 +21,7 @@ import subprocess
 
 import pytest
 
-from torch_envs import ROOT, env, other_python, py_json, train_equals_this_torch
+from torch_envs import ROOT, env, other_python, py_json, train_equals_this_torch, this_torch_reference
 
 pytestmark = pytest.mark.slow
 THREE = ["cpu_device", "sdpa_attention", "force_sum_reduce"]
@@ -60,6 +60,6 @@ def test_compat_machine_test_passes_on_torch215(py215, tmp_path):
     assert p.returncode == 0 and f"PASSED {test}" in p.stdout, p.stdout[-4000:] + p.stderr[-2000:]
 
 
-def test_train_on_torch215_equals_this_torch(py215, tmp_path):
-    log = train_equals_this_torch(py215, tmp_path, "t215")
+def test_train_on_torch215_equals_this_torch(py215, tmp_path, tmp_path_factory):
+    log = train_equals_this_torch(py215, tmp_path, "t215", this_torch_reference(tmp_path_factory))
     assert "torch 2.15.0" in log and "patches applied: " + ", ".join(THREE) in log

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -106,20 +107,41 @@ def _metrics(folder):
     return {r["step"]: r for r in read_metrics(folder)}
 
 
-def train_equals_this_torch(python: str, tmp_path, tag: str) -> str:
-    """The training smoke on `python`'s torch against this one; returns the resumed run's log."""
+def this_torch_reference(tmp_path_factory) -> str:
+    """The smoke's reference runs on this torch (1 process; 2 ranks), made once for the whole
+    session: the first smoke to ask makes them under a file lock, in the temp root its xdist
+    workers share; the other smoke waits for the lock and reads them."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = os.path.join(str(root), "torch-env-reference")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(folder, "done")):
+            d = lambda name: os.path.join(folder, name)  # noqa: E731
+            for name in ("ref1", "ref2"):
+                shutil.rmtree(d(name), ignore_errors=True)  # a half-made one (an interrupted smoke)
+            _wait([_start("ref1", _train_cmd(sys.executable, d("ref1"), 1), folder),
+                   _start("ref2", _train_cmd(sys.executable, d("ref2"), 2), folder)], [0, 0])
+            open(os.path.join(folder, "done"), "w").close()
+    return folder
+
+
+def train_equals_this_torch(python: str, tmp_path, tag: str, reference: str) -> str:
+    """The training smoke on `python`'s torch against this one (`reference`: this_torch_reference);
+    returns the resumed run's log."""
     d = lambda name: os.path.join(str(tmp_path), name)  # noqa: E731
-    # 1 process on each torch at once (one core each), then 2 ranks: this torch, then the other one
-    # SIGKILLed after step 3 (checkpoint step-2 on disk) and resumed
-    _wait([_start("ref1", _train_cmd(sys.executable, d("ref1"), 1), tmp_path),
-           _start(f"{tag}_1", _train_cmd(python, d(f"{tag}_1"), 1), tmp_path)], [0, 0])
-    _wait([_start("ref2", _train_cmd(sys.executable, d("ref2"), 2), tmp_path)], [0])
+    # on the other torch: 1 process, then 2 ranks SIGKILLed after step 3 (checkpoint step-2 on disk)
+    # and resumed
+    _wait([_start(f"{tag}_1", _train_cmd(python, d(f"{tag}_1"), 1), tmp_path)], [0])
     _wait([_start(f"{tag}_2_kill", _train_cmd(python, d(f"{tag}_2"), 2, "--fault_injection.kill_at_step", "3"),
                   tmp_path)], ["nonzero"])
     (log,) = _wait([_start(f"{tag}_2_resume", _train_cmd(python, d(f"{tag}_2"), 2), tmp_path)], [0])
     assert "resumed from the checkpoint of step 2" in log
     for ref_name, got_name in (("ref1", f"{tag}_1"), ("ref2", f"{tag}_2")):
-        ref, got = _metrics(d(ref_name)), _metrics(d(got_name))
+        ref, got = _metrics(os.path.join(reference, ref_name)), _metrics(d(got_name))
         assert sorted(ref) == sorted(got) == list(range(1, STEPS + 1)), (ref_name, sorted(got))
         for s in ref:
             for k in KEYS:
