@@ -74,7 +74,8 @@ def test_float8_modules_losses_weights_two_ranks(tmp_path):
 RUN = ["--config", "train_configs/debug_cpu.toml", "--model.flavor", "tiny", "--training.seq_len", "32",
        "--training.local_batch_size", "4", "--training.global_batch_size", "8", "--logging.log_interval", "1",
        "--reweight.warmup_steps", "1", "--lr_scheduler.warmup_steps", "1", "--checkpoint.interval", "2",
-       "--checkpoint.keep_latest_k", "0", "--metrics.enable_tensorboard", "false", "--job.deterministic", "true"]
+       "--checkpoint.keep_latest_k", "0", "--metrics.enable_tensorboard", "false", "--job.deterministic", "true",
+       "--data.loader", "synthetic"]
 FLOAT8 = ["--float8.enable", "true", "--float8.emulate", "true"]
 
 
