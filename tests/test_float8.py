@@ -103,6 +103,7 @@ def test_float8_sigkill_resume_exact_then_plain_run_and_hf_export(tmp_path):
     p = _run([sys.executable, "-m", "titan_rw.train", *train, "--training.steps", "5"], tmp_path)
     assert "resumed from the checkpoint of step 4" in p.stdout + p.stderr
     assert "titan_rw float8:" not in p.stdout + p.stderr  # no float8 layer in this run
+    assert "float8.enable was True, is now False" in p.stdout + p.stderr  # the resume says what changed (checkpointing.LOGGED)
     last = _rows(run)[-1]
     assert last["step"] == 5 and abs(last["loss"] - resumed[-1]["loss"]) < 0.5, (last, resumed[-1])
 
