@@ -118,6 +118,23 @@ EOF
     fi
 fi
 
+# torchao, for the float8 run only: from the wheelhouse when this Python lacks it (the block above
+# installs it too when it ran)
+if ! "$PYTHON" -c 'import torchao' >/dev/null 2>&1; then
+    shopt -s nullglob
+    ao=("$WHEELHOUSE"/torchao-*.whl)
+    shopt -u nullglob
+    if [[ ${#ao[@]} -gt 0 ]]; then
+        echo "gpu_check: installing ${ao[0]##*/} from $WHEELHOUSE into $SITE (the float8 run)"
+        mkdir -p "$SITE"
+        if "$PYTHON" -m pip --version >/dev/null 2>&1; then
+            "$PYTHON" -m pip install --quiet --no-index --no-deps --target "$SITE" "${ao[0]}"
+        else
+            "$PYTHON" -m zipfile -e "${ao[0]}" "$SITE"
+        fi
+    fi
+fi
+
 # titan_rw reads the embedded corpus (parquet) with pyarrow; without it, the wheelhouse's token shards
 DATA_ARGS=()
 if ! "$PYTHON" -c 'import pyarrow' >/dev/null 2>&1; then
@@ -215,7 +232,7 @@ run_args() {
 FLOAT8_EXTRA=""
 if [[ "$FLOAT8_EMULATE" == 1 ]]; then
     FLOAT8_EXTRA="--float8.emulate true"
-elif ! "$PYTHON" -c 'import sys, titan_rw.float8 as f; sys.exit(0 if f.torchao_available() and f.float8_hardware() else 1)' 2>/dev/null; then
+elif ! "$PYTHON" -c 'import sys, torchao, titan_rw.float8 as f; sys.exit(0 if f.torchao_available() and f.float8_hardware() else 1)' 2>/dev/null; then
     echo "gpu_check: float8 run left out: it needs torchao (pip install 'titan_rw[float8]', or the wheelhouse) and an NVIDIA GPU of SM89+ (H100/H200/L40S) or an AMD MI300"
     RUNS=(uniform linupper torchtitan)
 fi
