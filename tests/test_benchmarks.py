@@ -105,7 +105,7 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
     p = subprocess.run(
         ["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out"), "--model.flavor", "tiny", "--compile.enable", "false",
          "--training.mixed_precision_param", "float32"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=480,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=840,  # 5 launches of 2 processes
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for check in ("finite_losses", "weights_sum_to_1", "no_graph_capture", "document_mask"):
