@@ -4,16 +4,27 @@
     python benchmarks/bench_step.py --quick      # CI smoke run (tests/test_benchmarks.py): executes, tiny sizes
 
 Side by side, one process, same model/config/data (synthetic rows), median over repeats of the
-mean step time after 2 warm-up steps:
+mean step time after 2 warm-up steps. The kinds run interleaved STEP BY STEP (one step of each,
+in an order rotated every step), so a load change on the machine hits all of them alike:
   - titan_rw LinUpper      vs  titan_rw uniform           (goal ≤ 1.01×)
   - titan_rw uniform       vs  stock TorchTitan Trainer   (goal ≤ 1.02×; TorchTitan's
                                                              ChunkedLossWrapper + CrossEntropyLoss)
+  - LinUpper at reweight.granularity document  vs  row (the synthetic rows are one document each:
+    the cost of the per-document losses and weights, not of more documents)
+  - LinUpper with [float8] emulate = true  vs  without float8 (same parameter dtype; emulation
+    casts to float8 and back and multiplies in high precision: its CPU cost says nothing of a GPU's
+    float8 speed, which benchmarks/gpu_check.sh measures)
   - LinUpper under gradient accumulation: reweight.scope global_batch vs microbatch (its cost)
   - peak memory of the per-sample loss path vs TorchTitan's chunked mean-loss path vs a naive
     full-logits per-sample CE (bytes allocated by the loss + backward, measured with
     torch.cuda's allocator peak on GPU; on CPU the peak of live tensor storage counted at the
     dispatcher, titan_rw.memtrack).
-Run it alone on the machine: on a shared 2-core CPU the step times are dominated by noise.
+Each step is timed twice: wall time (time.perf_counter) and CPU time of the main thread
+(time.thread_time), with ONE intra-op thread (torch.set_num_threads(1), and OMP_NUM_THREADS=1 when
+unset): the step's compute then runs on the main thread (CPU autograd runs backward on the calling
+thread), and a thread's CPU time does not count the time the machine gave to other processes. On a
+shared machine the wall-time ratios swing (0.5× to 1.0× within an hour on 2 busy cores); the
+CPU-time ratios are the ones to read there. On a GPU, read wall time (the CPU time is the host's).
 """
 
 from __future__ import annotations
@@ -25,16 +36,20 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import titan_rw  # noqa: E402,F401
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
-def _config(args, strategy, stock=False, accum=1, scope="microbatch"):
+def _config(args, strategy, stock=False, accum=1, scope="microbatch", granularity="row", float8=False):
     from titan_rw import config as C
 
-    cfg = C.from_args(None, [
+    extra = ["--reweight.granularity", granularity]
+    if float8:
+        extra += ["--float8.enable", "true", "--float8.emulate", "true"]
+    cfg = C.from_args(None, [*extra,
         "--model.flavor", args.flavor, "--training.seq_len", str(args.seq), "--training.local_batch_size", str(args.batch),
         "--training.global_batch_size", str(args.batch * accum), "--reweight.scope", scope,
         "--training.steps", "1000000", "--data.loader", "synthetic",
@@ -57,55 +72,67 @@ def _config(args, strategy, stock=False, accum=1, scope="microbatch"):
     return cfg
 
 
-def _time_trainer(trainer, steps):
-    it = trainer.batch_generator(trainer.dataloader)
-    times = []
-    for i in range(steps + 2):
-        trainer.step += 1
-        t0 = time.perf_counter()
-        trainer.train_step(it)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return sum(times) / len(times)
+def _interleaved(trainers: dict, steps: int, warmup: int = 2) -> dict:
+    """One step of each trainer in turn (the order rotated every step), `warmup` + `steps` rounds:
+    {name: (mean wall s, mean main-thread CPU s)} over the last `steps`."""
+    its = {k: t.batch_generator(t.dataloader) for k, t in trainers.items()}
+    names = list(trainers)
+    wall = {k: [] for k in names}
+    cpu = {k: [] for k in names}
+    for i in range(steps + warmup):
+        r = i % len(names)
+        for name in names[r:] + names[:r]:
+            t = trainers[name]
+            t.step += 1
+            w0, c0 = time.perf_counter(), time.thread_time()
+            t.train_step(its[name])
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            c1, w1 = time.thread_time(), time.perf_counter()
+            if i >= warmup:
+                wall[name].append(w1 - w0)
+                cpu[name].append(c1 - c0)
+    return {k: (statistics.fmean(wall[k]), statistics.fmean(cpu[k])) for k in names}
 
 
-def bench_steps(args):
-    """Builds each trainer once (one process group), repeats interleaved runs."""
-    kinds = {"linupper": ("linupper", False), "uniform": ("uniform", False), "torchtitan": ("uniform", True)}
-    trainers = {}
-    first = None
-    for name, (strategy, stock) in kinds.items():
-        cfg = _config(args, strategy, stock)
+def _build_same_weights(configs: dict) -> dict:
+    trainers, first = {}, None
+    for name, cfg in configs.items():
         t = cfg.build()
         if first is None:
             first = t
-        else:  # same weights for all
-            sd = first.model_parts[0].state_dict()
-            t.model_parts[0].load_state_dict(sd)
+        else:  # same weights for all (float8 modules keep the parameter names)
+            t.model_parts[0].load_state_dict(first.model_parts[0].state_dict())
         trainers[name] = t
-    res = {k: [] for k in kinds}
-    for _ in range(args.repeats):
-        for name, t in trainers.items():
-            res[name].append(_time_trainer(t, args.steps))
-    return {k: statistics.median(v) for k, v in res.items()}
+    return trainers
+
+
+def _median_of_repeats(trainers, args) -> dict:
+    """{name: (median wall s, median CPU s)} over args.repeats interleaved runs."""
+    runs = [_interleaved(trainers, args.steps) for _ in range(args.repeats)]
+    return {k: (statistics.median(r[k][0] for r in runs), statistics.median(r[k][1] for r in runs)) for k in trainers}
+
+
+KINDS = {  # name: _config keyword arguments
+    "linupper": {"strategy": "linupper"},
+    "uniform": {"strategy": "uniform"},
+    "torchtitan": {"strategy": "uniform", "stock": True},
+    "document": {"strategy": "linupper", "granularity": "document"},
+    "float8": {"strategy": "linupper", "float8": True},
+}
+
+
+def bench_steps(args):
+    """Builds each trainer once (one process group), runs them interleaved step by step."""
+    kinds = {k: v for k, v in KINDS.items() if k != "float8" or not args.skip_float8}
+    return _median_of_repeats(_build_same_weights({k: _config(args, **kw) for k, kw in kinds.items()}), args)
 
 
 def bench_scope(args):
     """LinUpper with gradient accumulation (k = args.accum micro-batches): scope microbatch vs global_batch
-    (exact weights over the optimizer step: a no-grad loss pre-pass). Returns median step times."""
-    trainers = {}
-    for scope in ("microbatch", "global_batch"):
-        t = _config(args, "linupper", accum=args.accum, scope=scope).build()
-        if trainers:
-            t.model_parts[0].load_state_dict(next(iter(trainers.values())).model_parts[0].state_dict())
-        trainers[scope] = t
-    res = {k: [] for k in trainers}
-    for _ in range(args.repeats):
-        for name, t in trainers.items():
-            res[name].append(_time_trainer(t, args.steps))
-    return {k: statistics.median(v) for k, v in res.items()}
+    (exact weights over the optimizer step: a no-grad loss pre-pass). {scope: (wall s, CPU s)}."""
+    configs = {scope: _config(args, "linupper", accum=args.accum, scope=scope) for scope in ("microbatch", "global_batch")}
+    return _median_of_repeats(_build_same_weights(configs), args)
 
 
 def bench_memory(args):
@@ -163,9 +190,16 @@ def main():
     p.add_argument("--skip-steps", action="store_true")
     p.add_argument("--accum", type=int, default=4, help="micro-batches per step for the scope benchmark")
     p.add_argument("--skip-scope", action="store_true")
+    p.add_argument("--skip-float8", action="store_true", help="leave out the float8 (emulated) kind (no torchao)")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke run: tiny flavor, seq 64, batch 4, 2 steps, 1 repeat, small loss-memory case")
     args = p.parse_args()
+    torch.set_num_threads(1)  # one intra-op thread: the step's CPU time is the main thread's
+    from titan_rw.float8 import torchao_available
+
+    if not args.skip_float8 and not torchao_available():
+        print("bench_step: no torchao (pip install 'titan_rw[float8]'): the float8 kind is left out")
+        args.skip_float8 = True
     if args.quick:
         args.flavor, args.seq, args.batch, args.steps, args.repeats, args.accum = "tiny", 64, 4, 2, 1, 2
         args.mem_vocab, args.mem_dim = 4096, 128
@@ -180,19 +214,31 @@ def main():
     if args.skip_steps:
         return
     t = bench_steps(args)
-    print(f"\nStep time ({args.flavor}, B={args.batch}, T={args.seq}, median of {args.repeats} × mean of {args.steps} steps)")
-    print(f"  {'titan_rw linupper':26s} {t['linupper'] * 1e3:9.1f} ms   {t['linupper'] / t['uniform']:6.3f}× uniform (goal ≤ 1.01)")
-    print(f"  {'titan_rw uniform':26s} {t['uniform'] * 1e3:9.1f} ms   {t['uniform'] / t['torchtitan']:6.3f}× TorchTitan (goal ≤ 1.02)")
-    print(f"  {'stock TorchTitan trainer':26s} {t['torchtitan'] * 1e3:9.1f} ms")
+    how = f"median of {args.repeats} × mean of {args.steps} steps, kinds interleaved step by step"
+    print(f"\nStep time ({args.flavor}, B={args.batch}, T={args.seq}, {how})")
+    _step_table(t, 0, "wall")
+    print(f"\nCPU time per step (time.thread_time of the main thread, {torch.get_num_threads()} intra-op "
+          f"thread(s); the same steps)")
+    _step_table(t, 1, "cpu")
     if args.skip_scope:
         return
     s = bench_scope(args)
-    print(f"\nGradient accumulation, LinUpper, {args.accum} micro-batches of B={args.batch} per step "
-          f"(median of {args.repeats} × mean of {args.steps} steps)")
-    print(f"  {'scope microbatch':26s} {s['microbatch'] * 1e3:9.1f} ms")
-    print(f"  {'scope global_batch':26s} {s['global_batch'] * 1e3:9.1f} ms   "
-          f"{s['global_batch'] / s['microbatch']:6.3f}× microbatch (exact weights: + one no-grad forward)")
+    print(f"\nGradient accumulation, LinUpper, {args.accum} micro-batches of B={args.batch} per step ({how})")
+    for i, label in ((0, "wall"), (1, "cpu")):
+        print(f"  {label + ' scope microbatch':30s} {s['microbatch'][i] * 1e3:9.1f} ms")
+        print(f"  {label + ' scope global_batch':30s} {s['global_batch'][i] * 1e3:9.1f} ms   "
+              f"{s['global_batch'][i] / s['microbatch'][i]:6.3f}× microbatch (exact weights: + one no-grad forward)")
 
+
+def _step_table(t: dict, i: int, label: str) -> None:
+    """Rows "<label> <kind>  X ms  ratio× <reference>"; i = 0 wall, 1 CPU."""
+    ms = lambda k: t[k][i] * 1e3  # noqa: E731
+    print(f"  {label + ' titan_rw linupper':30s} {ms('linupper'):9.1f} ms   {t['linupper'][i] / t['uniform'][i]:6.3f}× uniform (goal ≤ 1.01)")
+    print(f"  {label + ' titan_rw uniform':30s} {ms('uniform'):9.1f} ms   {t['uniform'][i] / t['torchtitan'][i]:6.3f}× TorchTitan (goal ≤ 1.02)")
+    print(f"  {label + ' stock TorchTitan trainer':30s} {ms('torchtitan'):9.1f} ms")
+    print(f"  {label + ' linupper document':30s} {ms('document'):9.1f} ms   {t['document'][i] / t['linupper'][i]:6.3f}× row granularity")
+    if "float8" in t:
+        print(f"  {label + ' linupper float8 emulated':30s} {ms('float8'):9.1f} ms   {t['float8'][i] / t['linupper'][i]:6.3f}× no float8")
 
 if __name__ == "__main__":
     main()

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# GPU check, in two parts, sized for 8 minutes of wall time on one GPU, compile included
+# GPU check, in two parts, sized for at most 10 minutes of wall time on one GPU, compile included
 # (docs/performance.md says how):
 #   1. a smoke (~1 min): the debug flavor, eager, 5 steps through the real trainer with document-level
 #      weights (SMOKE_GRANULARITY): finite losses, weights summing to 1 per group, no CUDA-graph capture
 #      of the step, the document mask on (on GPU TorchTitan's FlexAttention document mask); the check
 #      stops here when it fails;
-#   2. the Llama 1.4B flavor, a few compiled bf16 steps with FSDP on every visible GPU, uniform then
-#      LinUpper, through the real trainer (benchmarks/gpu_step.py wraps its train_step with a timer).
-#      Prints tokens/s/GPU, MFU, peak memory and the LinUpper/uniform overhead.
+#   2. the Llama 1.4B flavor, a few compiled bf16 steps with FSDP on every visible GPU, through
+#      benchmarks/gpu_step.py (a timer around train_step), four runs of the same model and config:
+#      titan_rw uniform, titan_rw LinUpper, titan_rw LinUpper with [float8] (recipe FLOAT8_RECIPE;
+#      left out, with one line, without torchao or an SM89+ GPU), and stock TorchTitan (its own
+#      Trainer with its ChunkedLossWrapper mean loss). Prints tokens/s/GPU, MFU (TorchTitan's
+#      definition), peak memory and the ratios LinUpper / uniform, uniform / stock, float8 / bf16.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR] [--section.key value ...]
 #
@@ -17,14 +20,15 @@
 # (pip --no-index --no-deps --target SITE, default .gpu_site, put on PYTHONPATH); never torch.
 # Data: the embedded corpus (train_configs/llama_1p4b.toml's default loader).
 # Environment knobs (defaults): NPROC (nvidia-smi -L | wc -l), CONFIG (train_configs/llama_1p4b.toml),
-# STEPS (10), WARMUP (3: steps not timed: compilation), SEQ (8192), LOCAL_BATCH (2),
-# RUN_TIMEOUT (170 s per 1.4B run), SMOKE (1: run the smoke first; 0: skip it), SMOKE_CONFIG
-# (train_configs/debug_cpu.toml), SMOKE_STEPS (5), SMOKE_SEQ (2048), SMOKE_TIMEOUT (120 s),
-# SMOKE_GRANULARITY (document; or row),
+# STEPS (8), WARMUP (3: steps not timed: compilation), SEQ (8192), LOCAL_BATCH (2),
+# RUN_TIMEOUT (115 s per 1.4B run), SMOKE (1: run the smoke first; 0: skip it), SMOKE_CONFIG
+# (train_configs/debug_cpu.toml), SMOKE_STEPS (5), SMOKE_SEQ (2048), SMOKE_TIMEOUT (90 s),
+# SMOKE_GRANULARITY (document; or row), FLOAT8_RECIPE (rowwise; or rowwise_with_gw_hp),
+# FLOAT8_EMULATE (0; 1: the float8 run emulated, for plumbing tests on CPU),
 # PYTHON (python), WHEELHOUSE, SITE, ALLOW_CPU (0; 1: run on a torch without CUDA, for plumbing tests).
 # Extra --section.key value arguments go to the 1.4B runs after ours (they win), e.g.
 # `--activation_checkpoint.mode full`.
-# Exit status: 0 when the smoke passed and both runs produced a result, 1 otherwise.
+# Exit status: 0 when the smoke passed and every 1.4B run produced a result, 1 otherwise.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,17 +42,19 @@ OUT="${1:-runs/gpu_check-$(date +%Y%m%d-%H%M%S)}"
 if [[ $# -gt 0 ]]; then shift; fi
 PYTHON="${PYTHON:-python}"
 CONFIG="${CONFIG:-train_configs/llama_1p4b.toml}"
-STEPS="${STEPS:-10}"
+STEPS="${STEPS:-8}"
 WARMUP="${WARMUP:-3}"
 SEQ="${SEQ:-8192}"
 LOCAL_BATCH="${LOCAL_BATCH:-2}"
-RUN_TIMEOUT="${RUN_TIMEOUT:-170}"
+RUN_TIMEOUT="${RUN_TIMEOUT:-115}"
 SMOKE="${SMOKE:-1}"
 SMOKE_CONFIG="${SMOKE_CONFIG:-train_configs/debug_cpu.toml}"
 SMOKE_STEPS="${SMOKE_STEPS:-5}"
 SMOKE_SEQ="${SMOKE_SEQ:-2048}"
-SMOKE_TIMEOUT="${SMOKE_TIMEOUT:-120}"
+SMOKE_TIMEOUT="${SMOKE_TIMEOUT:-90}"
 SMOKE_GRANULARITY="${SMOKE_GRANULARITY:-document}"
+FLOAT8_RECIPE="${FLOAT8_RECIPE:-rowwise}"
+FLOAT8_EMULATE="${FLOAT8_EMULATE:-0}"
 WHEELHOUSE="${WHEELHOUSE:-$ROOT/.gpu_wheelhouse}"
 SITE="${SITE:-$ROOT/.gpu_site}"
 ALLOW_CPU="${ALLOW_CPU:-0}"
@@ -112,6 +118,23 @@ EOF
     fi
 fi
 
+# torchao, for the float8 run only: from the wheelhouse when this Python lacks it (the block above
+# installs it too when it ran)
+if ! "$PYTHON" -c 'import torchao' >/dev/null 2>&1; then
+    shopt -s nullglob
+    ao=("$WHEELHOUSE"/torchao-*.whl)
+    shopt -u nullglob
+    if [[ ${#ao[@]} -gt 0 ]]; then
+        echo "gpu_check: installing ${ao[0]##*/} from $WHEELHOUSE into $SITE (the float8 run)"
+        mkdir -p "$SITE"
+        if "$PYTHON" -m pip --version >/dev/null 2>&1; then
+            "$PYTHON" -m pip install --quiet --no-index --no-deps --target "$SITE" "${ao[0]}"
+        else
+            "$PYTHON" -m zipfile -e "${ao[0]}" "$SITE"
+        fi
+    fi
+fi
+
 # titan_rw reads the embedded corpus (parquet) with pyarrow; without it, the wheelhouse's token shards
 DATA_ARGS=()
 if ! "$PYTHON" -c 'import pyarrow' >/dev/null 2>&1; then
@@ -156,7 +179,7 @@ if [[ "$SMOKE" == 1 ]]; then
     echo "=== smoke: $SMOKE_CONFIG, eager, $SMOKE_STEPS steps, seq $SMOKE_SEQ (timeout ${SMOKE_TIMEOUT}s, log $OUT/smoke.log)"
     rm -f "$OUT/smoke.json"
     set +e
-    timeout --signal=TERM --kill-after=30 "$SMOKE_TIMEOUT" \
+    timeout --signal=TERM --kill-after=10 "$SMOKE_TIMEOUT" \
         "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" --master_port="$port" \
         benchmarks/gpu_step.py --smoke --config "$SMOKE_CONFIG" --warmup 1 --out "$OUT/smoke.json" \
         --job.dump_folder "$OUT/smoke" \
@@ -196,22 +219,40 @@ EOF
     fi
 fi
 
+# the 1.4B runs: name, then its own arguments (before the caller's, which win)
+RUNS=(uniform linupper float8 torchtitan)
+run_args() {
+    case "$1" in
+        uniform) echo "--reweight.strategy uniform" ;;
+        linupper) echo "--reweight.strategy linupper" ;;
+        float8) echo "--reweight.strategy linupper --float8.enable true --float8.recipe_name $FLOAT8_RECIPE $FLOAT8_EXTRA" ;;
+        torchtitan) echo "--stock --reweight.strategy uniform" ;;
+    esac
+}
+FLOAT8_EXTRA=""
+if [[ "$FLOAT8_EMULATE" == 1 ]]; then
+    FLOAT8_EXTRA="--float8.emulate true"
+elif ! "$PYTHON" -c 'import sys, torchao, titan_rw.float8 as f; sys.exit(0 if f.torchao_available() and f.float8_hardware() else 1)' 2>/dev/null; then
+    echo "gpu_check: float8 run left out: it needs torchao (pip install 'titan_rw[float8]', or the wheelhouse) and an NVIDIA GPU of SM89+ (H100/H200/L40S) or an AMD MI300"
+    RUNS=(uniform linupper torchtitan)
+fi
+
 failed=0
-for strategy in uniform linupper; do
+for name in "${RUNS[@]}"; do
     port=$(( 29500 + RANDOM % 2000 ))
-    echo "=== $strategy (timeout ${RUN_TIMEOUT}s, log $OUT/$strategy.log)"
-    rm -f "$OUT/$strategy.json"
+    echo "=== $name (timeout ${RUN_TIMEOUT}s, log $OUT/$name.log)"
+    rm -f "$OUT/$name.json"
+    read -r -a own <<< "$(run_args "$name")"
     set +e
-    timeout --signal=TERM --kill-after=20 "$RUN_TIMEOUT" \
+    timeout --signal=TERM --kill-after=10 "$RUN_TIMEOUT" \
         "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" --master_port="$port" \
-        benchmarks/gpu_step.py --config "$CONFIG" --warmup "$WARMUP" --out "$OUT/$strategy.json" \
-        --job.dump_folder "$OUT/$strategy" \
+        benchmarks/gpu_step.py --config "$CONFIG" --warmup "$WARMUP" --out "$OUT/$name.json" --label "$name" \
+        --job.dump_folder "$OUT/$name" \
         --training.steps "$STEPS" \
         --training.seq_len "$SEQ" \
         --training.local_batch_size "$LOCAL_BATCH" \
         --training.global_batch_size "$(( LOCAL_BATCH * NPROC ))" \
         --lr_scheduler.warmup_steps 2 \
-        --reweight.strategy "$strategy" \
         --reweight.warmup_steps 0 \
         --logging.log_interval 5 \
         --parallelism.data_parallel_shard_degree -1 \
@@ -220,25 +261,26 @@ for strategy in uniform linupper; do
         --checkpoint.enable false \
         --metrics.enable_tensorboard false \
         ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} \
-        "$@" 2>&1 | tee "$OUT/$strategy.log"
+        "${own[@]}" \
+        "$@" 2>&1 | tee "$OUT/$name.log"
     rc=${PIPESTATUS[0]}
     set -e
-    if [[ $rc -ne 0 || ! -s "$OUT/$strategy.json" ]]; then
+    if [[ $rc -ne 0 || ! -s "$OUT/$name.json" ]]; then
         if [[ $rc -eq 124 || $rc -eq 137 ]]; then
-            echo "gpu_check: $strategy timed out after ${RUN_TIMEOUT}s" >&2
+            echo "gpu_check: $name timed out after ${RUN_TIMEOUT}s" >&2
         else
-            echo "gpu_check: $strategy failed (exit $rc); see $OUT/$strategy.log" >&2
+            echo "gpu_check: $name failed (exit $rc); see $OUT/$name.log" >&2
         fi
         failed=1
     fi
 done
 
-"$PYTHON" - "$OUT" <<'EOF'
+"$PYTHON" - "$OUT" "${RUNS[@]}" <<'EOF'
 import json, os, sys
 
-out = sys.argv[1]
+out, names = sys.argv[1], sys.argv[2:]
 res = {}
-for s in ("uniform", "linupper"):
+for s in names:
     p = os.path.join(out, f"{s}.json")
     if os.path.exists(p):
         with open(p) as fh:
@@ -249,26 +291,39 @@ def f(v, fmt):
     return "n/a" if v is None else format(v, fmt)
 
 
+what = {"uniform": "titan_rw uniform", "linupper": "titan_rw LinUpper", "float8": "titan_rw LinUpper float8",
+        "torchtitan": "stock TorchTitan"}
 print()
 any_r = next(iter(res.values()), None)
 if any_r:
     print(f"GPU check: llama {any_r['flavor']} on {any_r['world_size']} x {any_r['device']}, seq {any_r['seq_len']}, "
           f"local batch {any_r['local_batch_size']} (global {any_r['global_batch_size']}), compile={any_r['compile']}, "
           f"params {any_r['mixed_precision_param']}, median of {any_r['steps'] - any_r['warmup']} steps after {any_r['warmup']}")
-print(f"| {'strategy':8s} | {'step ms':>9s} | {'tokens/s/GPU':>12s} | {'MFU %':>6s} | {'peak alloc GiB':>14s} | {'peak reserved GiB':>17s} | {'loss':>7s} |")
-print(f"|{'-' * 10}|{'-' * 11}|{'-' * 14}|{'-' * 8}|{'-' * 16}|{'-' * 19}|{'-' * 9}|")
-for s in ("uniform", "linupper"):
+print(f"| {'run':24s} | {'step ms':>9s} | {'tokens/s/GPU':>12s} | {'MFU %':>6s} | {'peak alloc GiB':>14s} | {'peak reserved GiB':>17s} | {'loss':>7s} |")
+print(f"|{'-' * 26}|{'-' * 11}|{'-' * 14}|{'-' * 8}|{'-' * 16}|{'-' * 19}|{'-' * 9}|")
+for s in names:
     r = res.get(s)
     if r is None:
-        print(f"| {s:8s} | {'FAILED':>9s} |")
+        print(f"| {what[s]:24s} | {'FAILED':>9s} |")
         continue
     loss = r.get("last_metrics", {}).get("loss")
-    print(f"| {s:8s} | {r['step_s'] * 1e3:9.1f} | {f(r['tokens_per_s_per_device'], ',.0f'):>12s} | {f(r['mfu_pct'], '.1f'):>6s} "
+    print(f"| {what[s]:24s} | {r['step_s'] * 1e3:9.1f} | {f(r['tokens_per_s_per_device'], ',.0f'):>12s} | {f(r['mfu_pct'], '.1f'):>6s} "
           f"| {f(r['peak_alloc_gib'], '.2f'):>14s} | {f(r['peak_reserved_gib'], '.2f'):>17s} | {f(loss, '.4f'):>7s} |")
-if len(res) == 2:
-    u, l = res["uniform"], res["linupper"]
-    mem = (f"{l['peak_alloc_gib'] / u['peak_alloc_gib']:.3f}x" if l["peak_alloc_gib"] and u["peak_alloc_gib"] else "n/a")
-    print(f"overhead LinUpper / uniform: step time {l['step_s'] / u['step_s']:.3f}x (goal <= 1.01), "
-          f"tokens/s/GPU {l['tokens_per_s_per_device'] / u['tokens_per_s_per_device']:.3f}x, peak allocated {mem}")
+
+
+def ratio(a, b, goal=""):
+    if a not in res or b not in res:
+        return
+    x, y = res[a], res[b]
+    mem = (f"{x['peak_alloc_gib'] / y['peak_alloc_gib']:.3f}x" if x["peak_alloc_gib"] and y["peak_alloc_gib"] else "n/a")
+    print(f"{what[a]} / {what[b]}: step time {x['step_s'] / y['step_s']:.3f}x{goal}, "
+          f"tokens/s/GPU {x['tokens_per_s_per_device'] / y['tokens_per_s_per_device']:.3f}x, peak allocated {mem}")
+
+
+ratio("linupper", "uniform", " (goal <= 1.01)")
+ratio("uniform", "torchtitan", " (goal <= 1.02)")
+ratio("float8", "linupper")
+if "float8" in res:
+    print(f"float8 run: {res['float8']['float8_linears']} Linear layers in float8 (the output projection stays in bf16)")
 EOF
 exit "$failed"

@@ -15,7 +15,12 @@ Builds the run exactly as `python -m titan_rw.train` does (`titan_rw.config.from
   (torchtitan.tools.utils.get_peak_flops: H100 SXM / H200 989e12, A100 312e12, ...);
 - peak memory (max over ranks): torch.cuda max_memory_allocated / max_memory_reserved over the
   timed steps (reset after the warm-up), and over the whole run;
-- the last metrics.jsonl row's loss / max weight (a sanity check that the run trained).
+- the last metrics.jsonl row's loss / max weight (a sanity check that the run trained);
+- float8_linears: how many Linear layers are torchao Float8Linear ([float8], titan_rw.float8).
+
+With `--stock` the run is stock TorchTitan instead: TorchTitan 0.3.0's own `Trainer` (no titan_rw
+step) with its `ChunkedLossWrapper` + `CrossEntropyLoss` (the chunked mean loss), built from the same
+`Trainer.Config` fields (model, parallelism, compile, optimizer, data), the baseline of "uniform / stock".
 
 With `--smoke` (gpu_check.sh's first, short run) it also checks, and records under "smoke" with
 "ok" (exit 1 when a check fails):
@@ -51,6 +56,10 @@ def _parse(argv):
     p.add_argument("--warmup", type=int, default=4, help="steps excluded from the timing (default 4)")
     p.add_argument("--out", required=True, help="JSON written by rank 0")
     p.add_argument("--smoke", action="store_true", help="also run the smoke checks (see the module doc)")
+    p.add_argument("--stock", action="store_true",
+                   help="stock TorchTitan: its own Trainer with its ChunkedLossWrapper + CrossEntropyLoss (the chunked "
+                        "mean loss, no reweighting) on the same model and config")
+    p.add_argument("--label", default=None, help="the run's name in the JSON (default: the strategy)")
     return p.parse_known_args(argv)
 
 
@@ -109,6 +118,8 @@ def main(argv=None) -> int:
 
     init_logger()
     cfg = C.from_args(args.config, overrides)
+    if args.stock:
+        cfg = _stock(cfg)
     cuda = torch.cuda.is_available()
     trainer = cfg.build()
     times: list[float] = []
@@ -160,8 +171,14 @@ def main(argv=None) -> int:
         name = torch.cuda.get_device_name() if cuda else "cpu"
         peak_flops = utils.get_peak_flops(name) if cuda else None
         gib = 2.0**30
+        from titan_rw.float8 import float8_modules
+
+        strategy = "torchtitan" if args.stock else trainer.config.reweight.strategy
         result = {
-            "strategy": trainer.config.reweight.strategy,
+            "label": args.label or strategy,
+            "strategy": strategy,
+            "stock_torchtitan": args.stock,
+            "float8_linears": len(float8_modules(trainer.model_parts[0])),
             "device": name,
             "world_size": world,
             "flavor": getattr(cfg.model_spec, "flavor", None),
@@ -200,7 +217,7 @@ def main(argv=None) -> int:
             with open(args.out, "w") as fh:
                 json.dump(result, fh, indent=2)
             logger.info(
-                f"gpu_step: {result['strategy']} step {step_s * 1e3:.1f} ms, {tps_dev or 0:,.0f} tokens/s/device, "
+                f"gpu_step: {result['label']} step {step_s * 1e3:.1f} ms, {tps_dev or 0:,.0f} tokens/s/device, "
                 f"MFU {result['mfu_pct']}, peak alloc {result['peak_alloc_gib']} GiB -> {args.out}"
             )
     finally:
@@ -208,6 +225,19 @@ def main(argv=None) -> int:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 1 if (args.smoke and not result["smoke"]["ok"]) else 0
+
+
+def _stock(cfg):
+    """The same run as stock TorchTitan: `Trainer.Config` with the fields `cfg` shares with it, and
+    TorchTitan's chunked mean loss (what TorchTitan's llama3 configs train with)."""
+    import dataclasses
+
+    from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
+    from torchtitan.trainer import Trainer
+
+    kw = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Trainer.Config)}
+    kw["loss"] = ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config(global_vocab_size=cfg.model_spec.model.vocab_size))
+    return Trainer.Config(**kw)
 
 
 def _smoke(trainer, probes: dict) -> dict:

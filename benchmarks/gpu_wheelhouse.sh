@@ -44,6 +44,7 @@ WHEELS=(
     numpy==2.4.6
     sentencepiece==0.2.3         # titan_rw's tokenizer
     tokenizers==0.23.3           # TorchTitan's tokenizer module
+    torchao==0.18.0              # the float8 run only ([float8]; an abi3 wheel, 3.4 MB)
 )
 
 if [[ "$PY_VERSION" != 3.* ]]; then

@@ -54,16 +54,21 @@ def test_bench_step_quick(tmp_path):
     for name, (v, ratio) in mib.items():
         assert v > 0 and _ratio_ok(ratio, v, base, digits=0.005), (name, v, ratio, base)
     assert mib["per-sample (titan_rw)"][0] < mib["naive full logits"][0], mib
-    ms = {m[0].strip(): float(m[1]) for m in
-          re.findall(r"^  (titan_rw linupper|titan_rw uniform|stock TorchTitan trainer|scope microbatch|scope global_batch)\s+([\d.]+) ms",
-                     out, re.M)}
-    assert len(ms) == 5 and all(math.isfinite(v) and v > 0 for v in ms.values()), out
-    lin = re.search(r"titan_rw linupper\s+[\d.]+ ms\s+([\d.]+)× uniform", out)
-    assert _ratio_ok(float(lin[1]), ms["titan_rw linupper"], ms["titan_rw uniform"]), (lin[0], ms)
-    uni = re.search(r"titan_rw uniform\s+[\d.]+ ms\s+([\d.]+)× TorchTitan", out)
-    assert _ratio_ok(float(uni[1]), ms["titan_rw uniform"], ms["stock TorchTitan trainer"]), (uni[0], ms)
-    glob = re.search(r"scope global_batch\s+[\d.]+ ms\s+([\d.]+)× microbatch", out)
-    assert _ratio_ok(float(glob[1]), ms["scope global_batch"], ms["scope microbatch"]), (glob[0], ms)
+    # each step kind twice, wall and main-thread CPU time (the same interleaved steps), with its ratio
+    # to the right reference row
+    for clock in ("wall", "cpu"):
+        ms = {m[0].strip(): float(m[1]) for m in re.findall(
+            rf"^  {clock} (titan_rw linupper|titan_rw uniform|stock TorchTitan trainer|linupper document|"
+            rf"linupper float8 emulated|scope microbatch|scope global_batch)\s+([\d.]+) ms", out, re.M)}
+        assert len(ms) == 7 and all(math.isfinite(v) and v > 0 for v in ms.values()), (clock, out)
+        for row, ref, said in (("titan_rw linupper", "titan_rw uniform", "uniform"),
+                               ("titan_rw uniform", "stock TorchTitan trainer", "TorchTitan"),
+                               ("linupper document", "titan_rw linupper", "row granularity"),
+                               ("linupper float8 emulated", "titan_rw linupper", "no float8"),
+                               ("scope global_batch", "scope microbatch", "microbatch")):
+            m = re.search(rf"^  {clock} {row}\s+[\d.]+ ms\s+([\d.]+)× {said}", out, re.M)
+            assert m and _ratio_ok(float(m[1]), ms[row], ms[ref]), (clock, row, m and m[0], ms)
+    assert "1 intra-op thread(s)" in out
 
 
 def test_bench_loader_quick(tmp_path):
@@ -89,24 +94,30 @@ def test_gpu_check_is_shellcheck_clean():
 
 def test_gpu_check_plumbing_on_cpu(tmp_path):
     """The script's overrides, the gpu_step.py driver, the smoke's checks and the table, on 2 CPU
-    processes (tiny model, no compile, fp32): not a GPU check, only that the script still matches the
+    processes (tiny model, no compile, fp32; the float8 run emulated, stock TorchTitan's Trainer
+    included): not a GPU check, only that the script still matches the
     trainer's config keys and that the smoke's checks run, document-level weights and the
     document-mask check included (CPU attention is document-causal too)."""
     env = dict(os.environ, NPROC="2", STEPS="3", WARMUP="1", SEQ="32", LOCAL_BATCH="2", RUN_TIMEOUT="150",
                CONFIG="train_configs/debug_cpu.toml", PYTHON=sys.executable, OMP_NUM_THREADS="1",
-               ALLOW_CPU="1", SMOKE_SEQ="64", SMOKE_STEPS="3", SMOKE_TIMEOUT="150",
+               ALLOW_CPU="1", FLOAT8_EMULATE="1", SMOKE_SEQ="64", SMOKE_STEPS="3", SMOKE_TIMEOUT="150",
                WHEELHOUSE=str(tmp_path / "no_wheelhouse"), SITE=str(tmp_path / "site"))
     p = subprocess.run(
         ["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out"), "--model.flavor", "tiny", "--compile.enable", "false",
          "--training.mixed_precision_param", "float32"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=480,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=840,  # 5 launches of 2 processes
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for check in ("finite_losses", "weights_sum_to_1", "no_graph_capture", "document_mask"):
         assert f"smoke: {check:17s} ok" in p.stdout, p.stdout[-3000:]
     assert "smoke: document_mask" in p.stdout and "smoke: ok" in p.stdout
     assert '"body_calls_per_step": [2, 2, 2], "micro_batches": 2' in p.stdout  # 8 rows per rank per step, 4 per micro-batch
-    assert "| uniform  |" in p.stdout and "| linupper |" in p.stdout and "overhead LinUpper / uniform" in p.stdout
+    for row in ("titan_rw uniform", "titan_rw LinUpper", "titan_rw LinUpper float8", "stock TorchTitan"):
+        assert f"| {row:24s} |" in p.stdout, p.stdout[-3000:]
+    for ratio in ("titan_rw LinUpper / titan_rw uniform: step time", "titan_rw uniform / stock TorchTitan: step time",
+                  "titan_rw LinUpper float8 / titan_rw LinUpper: step time"):
+        assert ratio in p.stdout, p.stdout[-3000:]
+    assert "float8 run: 10 Linear layers in float8" in p.stdout  # tiny: 2 blocks x 5, lm_head not
     assert "FAILED" not in p.stdout
     assert not (tmp_path / "site").exists()  # everything importable: nothing installed
 

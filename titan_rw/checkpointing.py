@@ -83,7 +83,8 @@ LOGGED = ("reweight.strategy", "reweight.temperature", "reweight.warmup_temperat
           "reweight.anneal", "reweight.anneal_steps", "reweight.cap", "reweight.scope", "reweight.granularity",
           "reweight.min_document_tokens", "reweight.max_documents_per_row",
           "training.global_batch_size", "training.local_batch_size",
-          "optimizer.lr", "optimizer.beta1", "optimizer.beta2", "optimizer.eps", "optimizer.weight_decay")
+          "optimizer.lr", "optimizer.beta1", "optimizer.beta2", "optimizer.eps", "optimizer.weight_decay",
+          "float8.enable", "float8.recipe_name")  # float8 weights are plain tensors: either way loads
 
 
 class ResumeError(RuntimeError):

@@ -51,6 +51,13 @@ torchrun restarts (any torch that keeps one agent store across attempts, as 2.13
                          ("Gloo connectFullMesh failed ... Connection refused"; ~1/3 of restarts).
 
 `applied_patches()` lists the names applied; one INFO line names them.
+
+Not a patch (nothing of torch or TorchTitan changes, and it is not listed): on a machine without
+CUDA, `apply()` also puts a logging filter on the import-time warnings of torchao (the optional
+`titan_rw[float8]` extra, which TorchTitan's quantization module imports whenever it is installed):
+torchao's "Failed to load .../_C_*.so" (its CUDA kernels' libraries) and torch's "... is an Enum
+subclass and is now natively supported by torch.compile" (torchao 0.18 registers its enums with
+pytree). Both are said at every CPU run's start and neither is about the run (`_quiet_torchao_import`).
 """
 
 from __future__ import annotations
@@ -626,12 +633,33 @@ _PATCHES: tuple[tuple[str, Callable[[], bool]], ...] = (
 )
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, *parts: str):
+        super().__init__()
+        self.parts = parts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(p in msg for p in self.parts)
+
+
+def _quiet_torchao_import() -> None:
+    """See the module docstring ("Not a patch"): torchao's CUDA-library and enum-registration
+    warnings at import, dropped where there is no CUDA."""
+    if has_cuda():
+        return
+    logging.getLogger("torchao").addFilter(_DropMessages("Failed to load "))
+    logging.getLogger("torch.utils._pytree").addFilter(
+        _DropMessages("is an Enum subclass and is now natively supported by torch.compile"))
+
+
 def apply() -> tuple[str, ...]:
     """Install every needed patch, once. Safe to call again (no-op)."""
     global _done
     if _done:
         return applied_patches()
     _done = True
+    _quiet_torchao_import()
     for name, patch in _PATCHES:
         if patch():
             _applied.append(name)

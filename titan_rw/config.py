@@ -14,7 +14,8 @@ Sections mapped 1:1 onto TorchTitan's dataclasses accept exactly those dataclass
 `[profiler]` Profiler.Config. Sections of titan_rw's components, each beside its code:
 `[reweight]` titan_rw.reweight.ReweightConfig, `[logging]` titan_rw.observability.RunLogger.Config,
 `[fault]` titan_rw.faults.StopGuard.Config, `[fault_injection]` (tests) titan_rw.fault_injection,
-`[periodic_eval]` titan_rw.eval.periodic.PeriodicEvalConfig, `[run_lock]` titan_rw.runlock.RunLock.Config
+`[periodic_eval]` titan_rw.eval.periodic.PeriodicEvalConfig, `[float8]` titan_rw.float8.Float8Config
+(TorchTitan's Float8LinearConverter keys, applied to the model config), `[run_lock]` titan_rw.runlock.RunLock.Config
 (read by `titan_rw.train`, which holds the lock). `[checkpoint]` builds
 titan_rw.checkpointing.ResumableCheckpointManager (TorchTitan's manager + fallback to the newest
 complete checkpoint; same keys). The logging keys that used to sit in `[reweight]` (log_interval,
@@ -52,6 +53,7 @@ from titan_rw import compat, models
 from titan_rw.checkpointing import ResumableCheckpointManager
 from titan_rw.eval.periodic import PeriodicEvalConfig
 from titan_rw.fault_injection import FaultInjection
+from titan_rw.float8 import Float8Config
 from titan_rw.faults import NonFiniteSkipOptimizers, StopGuard
 from titan_rw.observability import RunLogger
 from titan_rw.reweight import STRATEGIES, ReweightConfig
@@ -143,6 +145,7 @@ TITAN_SECTIONS: dict[str, type] = {
     "fault": StopGuard.Config,
     "fault_injection": FaultInjection.Config,
     "periodic_eval": PeriodicEvalConfig,
+    "float8": Float8Config,
 }
 # Keys that moved: (old section, key) -> new section. They still work, with one warning each.
 DEPRECATED_KEYS: dict[tuple[str, str], str] = {
@@ -418,8 +421,14 @@ def validate(values: dict, source: str = "config", world_size: int | None = None
             raise ConfigError(f"{source}: [{name}] {e}") from None
     try:
         _section(values, "periodic_eval").validate()
+        _section(values, "float8").validate(compile_model=_compiles_model(values))
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def _compiles_model(values: dict) -> bool:
+    c = _section(values, "compile")
+    return c.enable and "model" in c.components
 
 
 def _check_tokenizer(path: str | None, flavor: str, vocab_size: int, source: str) -> None:
@@ -583,6 +592,7 @@ def build(values: dict, source: str = "config", world_size: int | None = None) -
     validate(values, source, world_size)
     job, m, opt, ac = (_section(values, s) for s in ("job", "model", "optimizer", "activation_checkpoint"))
     spec = models.model_spec(m.flavor, None if m.attn_backend == "auto" else m.attn_backend)
+    spec.model = _section(values, "float8").convert(spec.model, compile_model=_compiles_model(values))
     tokenizer, dataloader, assets = _data_configs(values)
     ac_config = {"none": None, "selective": SelectiveAC.Config, "full": FullAC.Config}[ac.mode]
     if ac_config is not None:

@@ -57,6 +57,7 @@ from titan_rw import compat
 from titan_rw.checkpointing import json_tensor, load_plain, rng_state, set_rng_state
 from titan_rw.eval.periodic import PeriodicEvalConfig
 from titan_rw.fault_injection import FaultInjection
+from titan_rw.float8 import check_model as check_float8_model
 from titan_rw.faults import EXIT_TOO_MANY_SKIPS, NonFiniteSkipOptimizers, RowAudit, StopGuard, TrainingStopped  # noqa: F401
 from titan_rw.loss import IGNORE_INDEX, group_weights, per_document_loss, per_sample_loss, reweighted_loss, weighted_sum
 from titan_rw.models import FLAVORS, describe, portable_init
@@ -152,6 +153,7 @@ class ReweightTrainer(Trainer):
         if config.portable_init and not config.checkpoint.create_seed_checkpoint:
             portable_init(model, self.model_config, config.debug.seed or 0)
         model._skip_lm_head = True  # the per-sample loss applies the output projection itself
+        check_float8_model(model)  # the output projection stays high precision (titan_rw.float8)
         self.lm_head = model.lm_head
         self._weighted = reweighted_loss
         if config.compile.enable and "loss" in config.compile.components:
