@@ -12,7 +12,7 @@ mean step time after 2 warm-up steps:
   - peak memory of the per-sample loss path vs TorchTitan's chunked mean-loss path vs a naive
     full-logits per-sample CE (bytes allocated by the loss + backward, measured with
     torch.cuda's allocator peak on GPU; on CPU the peak of live tensor storage counted at the
-    dispatcher, titan_rw.memtrack).
+    dispatcher, tests/memtrack.py).
 Run it alone on the machine: on a shared 2-core CPU the step times are dominated by noise.
 """
 
@@ -124,7 +124,8 @@ def bench_memory(args):
             base = torch.cuda.memory_allocated()
             fn(); torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - base
-        from titan_rw.memtrack import peak_bytes  # live tensor storage, counted at the dispatcher
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+        from memtrack import peak_bytes  # live tensor storage, counted at the dispatcher (tests/memtrack.py)
 
         return peak_bytes(fn)
 

@@ -139,7 +139,7 @@ def test_document_weights_against_provenance(tmp_path):
         nll = nll.view(labels.shape).numpy()
     n_all = sum(d["n_tokens"] for p in prov for d in p)
     assert n_all == labels.numel()
-    Fs = cfg.max_documents
+    Fs = cfg.max_documents_per_row
     w, f, n = (rec[k].reshape(-1, Fs) for k in ("weights", "losses", "n_tokens"))
     for j, docs in enumerate(prov):
         for k in range(Fs):
@@ -190,7 +190,7 @@ def test_fragment_dup_share_merges_overflow():
         [{"doc_id": "b", "n_tokens": 64}],
         [],
     ]
-    q = dup.fragment_dup_share(prov, {"b", "b#c01"}, max_documents=2)
+    q = dup.fragment_dup_share(prov, {"b", "b#c01"}, max_documents_per_row=2)
     assert q.shape == (3, 2)
     assert q[0, 0] == 0.0 and q[0, 1] == pytest.approx(10 / 40)  # slot 1 holds b#c01 and c
     assert q[1, 0] == 1.0 and np.isnan(q[1, 1]) and np.isnan(q[2]).all()

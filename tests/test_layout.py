@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT  # noqa: E402
 PKG = os.path.join(ROOT, "titan_rw")
 
 # (module, modules it must not import, why). A prefix "x" also forbids "x.<anything>".

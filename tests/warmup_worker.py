@@ -25,16 +25,12 @@ import titan_rw  # noqa: F401
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
 from titan_rw import config as C
 from titan_rw.synthetic import synthetic_row
+from helpers import full  # noqa: E402  (tests/helpers.py: the script runs from tests/)
 
 SEQ, B_LOCAL, R = 32, 2, 0.5
-
-
-def full(t):
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def linupper_weights(f: list[float], r: float) -> list[float]:

@@ -28,7 +28,7 @@ Granularity (what a "sample" of Algorithm 1 is).
 
 Temperature. r (`temperature`), or the paper's warm-up (App. A.2: "We set r to 100 for a specific
 number of warmup steps and then reduce it to 1"): `temp_warmup_steps` K > 0 uses
-r = `temp_warmup_value` (100) for steps 1..K, then r.
+r = `warmup_temperature` (100) for steps 1..K, then r.
 
 Reported per run, from each sample's weight relative to its uniform share, w / prior (b·w for rows,
 w_d / pi_d for fragments; 1 under uniform), and its share q of tokens from duplicated documents
@@ -80,8 +80,8 @@ class DupConfig:
     weight_decay: float = 0.01
     max_norm: float = 1.0
     temperature: float = 1.0  # r (paper: 1.0 for 1.4B)
-    temp_warmup_steps: int = 0  # steps at temp_warmup_value before r (App. A.2: r = 100)
-    temp_warmup_value: float = 100.0
+    temp_warmup_steps: int = 0  # steps at warmup_temperature before r (App. A.2: r = 100)
+    warmup_temperature: float = 100.0
     strategies: tuple[str, ...] = field(default=DEFAULT_STRATEGIES)
     granularity: str = "row"  # row | document | both
     dup_fraction: float = 0.05  # of the documents (pieces)
@@ -91,7 +91,7 @@ class DupConfig:
     seed: int = 0  # the seed of one run set (data selection, shuffles, row order, model init)
     seeds: tuple[int, ...] | None = None  # several run sets; None = (seed,)
     min_document_tokens: int = DEFAULT_MIN_DOCUMENT_TOKENS  # shorter fragments keep their token share
-    max_documents: int = DEFAULT_MAX_DOCUMENTS  # fragment slots per row; more are merged into the last
+    max_documents_per_row: int = DEFAULT_MAX_DOCUMENTS  # fragment slots per row; more are merged into the last
     check_uniform_document: bool = False  # also run uniform at document granularity (first seed)
     jobs: int = 1  # runs at once (separate processes)
     threads: int | None = None  # torch intra-op threads per run process
@@ -209,15 +209,15 @@ def row_dup_share(provenance: list[list[dict]], dup: set[str]) -> np.ndarray:
     return out
 
 
-def fragment_dup_share(provenance: list[list[dict]], dup: set[str], max_documents: int) -> np.ndarray:
-    """[B, max_documents]: per document fragment of each row, the share of its tokens from
+def fragment_dup_share(provenance: list[list[dict]], dup: set[str], max_documents_per_row: int) -> np.ndarray:
+    """[B, max_documents_per_row]: per document fragment of each row, the share of its tokens from
     duplicated documents (0 or 1; mixed only for the last slot of a row with more fragments, where
     the rest are merged like `document_losses` does); NaN for empty slots. Fragment k of a row is
     the row's k-th document in the provenance (row order)."""
-    out = np.full((len(provenance), max_documents), np.nan)
+    out = np.full((len(provenance), max_documents_per_row), np.nan)
     for j, docs in enumerate(provenance):
-        for k in range(min(len(docs), max_documents)):
-            part = docs[k:] if k == max_documents - 1 else docs[k : k + 1]
+        for k in range(min(len(docs), max_documents_per_row)):
+            part = docs[k:] if k == max_documents_per_row - 1 else docs[k : k + 1]
             tot = sum(d["n_tokens"] for d in part)
             if tot:
                 out[j, k] = sum(d["n_tokens"] for d in part if d["doc_id"] in dup) / tot
@@ -272,32 +272,28 @@ def step_loss(model, inputs, positions, labels, *, granularity: str, strategy: s
     """One batch: the weighted loss sum_i w_i f_i (Alg. 1 line 8) with autograd, and a detached
     record of its samples (numpy, flat): losses f, weights w, prior (uniform weight: 1/b per row,
     token share n_d / N per fragment), n_tokens; empty fragment slots have n_tokens 0 and prior 0."""
-    from titan_rw.loss import per_sample_loss, per_token_nll, reweighted_loss
+    from titan_rw.documents import document_losses
+    from titan_rw.loss import ReweightSettings, per_sample_loss, per_token_nll, reweighted_loss
 
+    settings = ReweightSettings(strategy, min_document_tokens=cfg.min_document_tokens)  # one process, no cap
     hidden = model(inputs, positions=positions)
     extra = {}
     if granularity == "row":
         f, n = per_sample_loss(model.lm_head, hidden, labels, num_chunks=cfg.loss_chunks)
-        loss, st = reweighted_loss(
-            f, torch.tensor(float(temperature)), strategy=strategy, cap=None, group=None, dp_rank=0, dp_size=1,
-            valid=n > 0,
-        )
-        w, prior = st.weights, st.valid.float() / st.b.clamp(min=1)
+        loss, st = reweighted_loss(f, torch.tensor(float(temperature)), settings, valid=n > 0)
+        prior = st.valid.float() / st.b.clamp(min=1)
     elif granularity == "document":
-        from titan_rw.documents import document_losses, document_weights
-
         # Alg. 1 over the fragments of the batch, on top of their token shares (titan_rw.documents)
         nll = per_token_nll(model.lm_head, hidden, labels, num_chunks=cfg.loss_chunks)
-        d = document_losses(nll, labels, positions, cfg.max_documents)
+        d = document_losses(nll, labels, positions, cfg.max_documents_per_row)
         f, n = d.losses.reshape(-1), d.n_tokens.reshape(-1)
-        w, prior = document_weights(
-            f.detach(), n, strategy, float(temperature), min_tokens=cfg.min_document_tokens,
-            merged=d.merged.reshape(-1),
-        )
-        loss = torch.where(w > 0, w * f, 0.0).sum()  # 0 * nan is nan: select, don't multiply
+        loss, st = reweighted_loss(f, torch.tensor(float(temperature)), settings, valid=n > 0, n_tokens=n,
+                                   merged=d.merged.reshape(-1))
+        prior = st.prior
         extra["overflow_rows"] = int((d.overflow > 0).sum())
     else:
         raise ValueError(f"unknown granularity {granularity!r}; valid: row, document")
+    w = st.weights
     fd = f.detach().double()
     nd = n.double()
     rec = {
@@ -330,7 +326,7 @@ def train_one(strategy: str, cfg: DupConfig, train_path: str, dup: set[str], val
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     temp = TemperatureSchedule(
-        target=cfg.temperature, warmup_value=cfg.temp_warmup_value, warmup_steps=cfg.temp_warmup_steps
+        target=cfg.temperature, warmup_temperature=cfg.warmup_temperature, warmup_steps=cfg.temp_warmup_steps
     )
     it = iter(dl)
     rel, losses, share, tokens, token_mean = [], [], [], [], []
@@ -353,7 +349,7 @@ def train_one(strategy: str, cfg: DupConfig, train_path: str, dup: set[str], val
         if granularity == "row":
             q = row_dup_share(prov, dup)
         else:
-            q2 = fragment_dup_share(prov, dup, cfg.max_documents)
+            q2 = fragment_dup_share(prov, dup, cfg.max_documents_per_row)
             # the provenance's documents and the fragments found from the positions must agree
             mismatch += int((np.isfinite(q2.reshape(-1)) != (rec["n_tokens"] > 0)).sum())
             overflow += rec["overflow_rows"]
@@ -616,7 +612,7 @@ def plot(runs: list[dict], summaries: list[dict], cfg: DupConfig, path: str) -> 
         ax.legend(fontsize=7)
     for ax in axes:
         ax.grid(True, alpha=0.25)
-    warm = f" (r = {cfg.temp_warmup_value:g} for {cfg.temp_warmup_steps} steps)" if cfg.temp_warmup_steps else ""
+    warm = f" (r = {cfg.warmup_temperature:g} for {cfg.temp_warmup_steps} steps)" if cfg.temp_warmup_steps else ""
     fig.suptitle(
         f"{cfg.dup_fraction:.0%} of documents repeated {cfg.copies}×; llama {cfg.flavor}, seq {cfg.seq_len}, "
         f"b = {cfg.batch_size}, {cfg.steps} steps, r = {cfg.temperature:g}{warm}; seed {runs[0]['seed']}",
@@ -659,8 +655,8 @@ def _check(cfg: DupConfig) -> None:
     seeds = cfg.seed_list()
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds repeat: {seeds} (--seeds: a count N for 0..N-1, or a list like 0,1,2)")
-    if cfg.min_document_tokens < 0 or cfg.max_documents < 1:
-        raise ValueError("need --min-document-tokens >= 0 and --max-documents >= 1")
+    if cfg.min_document_tokens < 0 or cfg.max_documents_per_row < 1:
+        raise ValueError("need --min-document-tokens >= 0 and --max-documents-per-row >= 1")
     if cfg.jobs < 1:
         raise ValueError("need --jobs >= 1")
     from titan_rw.models import FLAVORS
@@ -760,18 +756,20 @@ def _parse(argv):
     ap.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="LR warm-up (default %(default)s)")
     ap.add_argument("--temperature", type=float, default=d.temperature, help="r (default %(default)s)")
     ap.add_argument("--temp-warmup-steps", type=int, default=d.temp_warmup_steps,
-                    help="the paper's temperature warm-up (App. A.2): r = --temp-warmup-value for this many "
+                    help="the paper's temperature warm-up (App. A.2): r = --warmup-temperature for this many "
                     "steps first, then --temperature (default %(default)s: none)")
-    ap.add_argument("--temp-warmup-value", type=float, default=d.temp_warmup_value,
-                    help="r during the warm-up (paper: 100; default %(default)s)")
+    ap.add_argument("--warmup-temperature", "--temp-warmup-value", type=float, default=d.warmup_temperature,
+                    help="r during the warm-up (paper: 100; default %(default)s; --temp-warmup-value is its "
+                    "old name, still accepted)")
     ap.add_argument("--strategies", default=",".join(d.strategies), help="comma-separated (default %(default)s)")
     ap.add_argument("--granularity", default=d.granularity, choices=GRANULARITIES,
                     help="a sample is a packed row, a document fragment, or run both (default %(default)s)")
     ap.add_argument("--min-document-tokens", type=int, default=d.min_document_tokens,
                     help="document granularity: fragments with fewer tokens are not reweighted, they keep "
                     "their token share (titan_rw.documents.document_weights; default %(default)s)")
-    ap.add_argument("--max-documents", type=int, default=d.max_documents,
-                    help="document fragments per row kept apart, the rest merged (default %(default)s)")
+    ap.add_argument("--max-documents-per-row", "--max-documents", type=int, default=d.max_documents_per_row,
+                    help="document fragments per row kept apart, the rest merged (reweight.max_documents_per_row; "
+                    "default %(default)s; --max-documents is its old name, still accepted)")
     ap.add_argument("--check-uniform-document", action="store_true",
                     help="also run uniform at document granularity on the first seed (it should equal row)")
     ap.add_argument("--dup-fraction", type=float, default=d.dup_fraction, help="of documents (default %(default)s)")
@@ -788,16 +786,20 @@ def _parse(argv):
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads per run (default: torch's)")
     ap.add_argument("--no-plot", action="store_true", help="skip the figure")
     ap.add_argument("--quick", action="store_true", help="tiny model, 120 steps, 400 documents (~10 s a run)")
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    for old, new in (("--temp-warmup-value", "--warmup-temperature"), ("--max-documents", "--max-documents-per-row")):
+        if any(x == old or x.startswith(old + "=") for x in (sys.argv[1:] if argv is None else argv)):
+            print(f"duplicates: {old} is deprecated, use {new}", file=sys.stderr)
+    return a
 
 
 def config_from_args(a) -> DupConfig:
     cfg = DupConfig(
         flavor=a.flavor, steps=a.steps, seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr,
         warmup_steps=a.warmup_steps, temperature=a.temperature, temp_warmup_steps=a.temp_warmup_steps,
-        temp_warmup_value=a.temp_warmup_value,
+        warmup_temperature=a.warmup_temperature,
         strategies=tuple(s.strip() for s in a.strategies.split(",") if s.strip()), granularity=a.granularity,
-        min_document_tokens=a.min_document_tokens, max_documents=a.max_documents,
+        min_document_tokens=a.min_document_tokens, max_documents_per_row=a.max_documents_per_row,
         check_uniform_document=a.check_uniform_document, dup_fraction=a.dup_fraction, copies=a.copies,
         max_docs=a.max_docs, piece_chars=a.piece_chars, eval_every=a.eval_every, eval_batches=a.eval_batches,
         seed=a.seed, seeds=a.seeds, jobs=a.jobs, threads=a.threads,
@@ -840,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(a.out, "results.json"), "w") as fh:
         json.dump(result, fh, indent=2)
     info = per_seed[0]["data"]
-    warm = f" ({cfg.temp_warmup_value:g} for the first {cfg.temp_warmup_steps} steps)" if cfg.temp_warmup_steps else ""
+    warm = f" ({cfg.warmup_temperature:g} for the first {cfg.temp_warmup_steps} steps)" if cfg.temp_warmup_steps else ""
     print(
         f"\nduplicates: {info['duplicated_pieces']}/{info['pieces_used']} documents x{cfg.copies} "
         f"({info['duplicate_char_share']:.0%} of the training text, seed {per_seed[0]['seed']}), llama {cfg.flavor}, "
