@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from titan_rw import config as C
-from helpers import full  # noqa: E402  (tests/helpers.py: the script runs from tests/)
+from helpers import full, reweight_as_configured  # noqa: E402  (tests/helpers.py: the script runs from tests/)
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 SEQ, B_LOCAL, SLOTS, MIN_TOKENS = 32, 2, 4, 4
@@ -163,6 +163,7 @@ def main(out_path):
 
     def case(name, strategy, k, scope, start, temperature=1.0, cap=None):
         trainer.rw.strategy, trainer.rw.scope, trainer.rw.cap, trainer.rw.granularity = strategy, scope, cap, "document"
+        reweight_as_configured(trainer)
         trainer.temperature_schedule.target = trainer.temperature_schedule.warmup_temperature = temperature
         trainer.gradient_accumulation_steps = k
         rows = draw(start, k * B_LOCAL * dp)
@@ -223,6 +224,7 @@ def main(out_path):
     def rows_vs_documents(start):
         """Every row one document: granularity document gives the row weights (slot 0 of each row)."""
         trainer.rw.strategy, trainer.rw.scope, trainer.rw.cap = "linupper", "microbatch", None
+        reweight_as_configured(trainer)
         trainer.temperature_schedule.target = trainer.temperature_schedule.warmup_temperature = 0.5
         trainer.gradient_accumulation_steps = 1
         gen = torch.Generator().manual_seed(seed[0])

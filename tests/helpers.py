@@ -50,3 +50,12 @@ def tmpfs_mount_problem() -> str | None:
                         "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d && umount $d && rmdir $d"],
                        capture_output=True, text=True)
     return None if r.returncode == 0 else f"cannot mount a tmpfs in a user namespace: {r.stderr.strip()[:200]}"
+
+
+def reweight_as_configured(trainer) -> None:
+    """After a worker changed `trainer.rw`'s strategy or cap on a live ReweightTrainer (one trainer,
+    several cases): rebuild the ReweightSettings the step uses, which the trainer builds once."""
+    from titan_rw.loss import ReweightSettings
+
+    trainer._reweighting = ReweightSettings.of(trainer.rw, trainer.dp_group, trainer.dp_rank, trainer.dp_size)
+    trainer._burn_in_settings = trainer._reweighting.uniform()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from titan_rw import config as C
 from titan_rw.reweight import sample_weights
 from titan_rw.synthetic import synthetic_row
-from helpers import full  # noqa: E402  (tests/helpers.py: the script runs from tests/)
+from helpers import full, reweight_as_configured  # noqa: E402  (tests/helpers.py: the script runs from tests/)
 
 SEQ, B_LOCAL = 32, 2
 
@@ -39,6 +39,7 @@ def main(out_path):
     def case(name, strategy, k, scope, temperature=1.0, cap=None):
         nonlocal row
         trainer.rw.strategy, trainer.rw.scope, trainer.rw.cap = strategy, scope, cap
+        reweight_as_configured(trainer)
         trainer.temperature_schedule.target = trainer.temperature_schedule.warmup_temperature = temperature
         trainer.gradient_accumulation_steps = k
         params = {n: full(p).detach().clone() for n, p in model.named_parameters()}

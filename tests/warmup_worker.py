@@ -91,7 +91,7 @@ def main(out_path):
             "grad_scale": max(float(g.abs().max()) for g in want.values()),
             "weights_exact_uniform": bool(torch.equal(stats.weights, torch.full((b,), 1.0) / b)),
             "weights_err": float((stats.weights.double() - torch.tensor(w_ref, dtype=torch.float64)).abs().max()),
-            "strategy": trainer._strategy,
+            "strategy": trainer._settings.strategy,  # the step's (ReweightSettings)
         }
     if rank == 0:
         with open(out_path, "w") as fh:
