@@ -18,7 +18,7 @@ in an order rotated every step), so a load change on the machine hits all of the
   - peak memory of the per-sample loss path vs TorchTitan's chunked mean-loss path vs a naive
     full-logits per-sample CE (bytes allocated by the loss + backward, measured with
     torch.cuda's allocator peak on GPU; on CPU the peak of live tensor storage counted at the
-    dispatcher, titan_rw.memtrack).
+    dispatcher, tests/memtrack.py).
 Each step is timed twice: wall time (time.perf_counter) and CPU time of the main thread
 (time.thread_time), with ONE intra-op thread (torch.set_num_threads(1), and OMP_NUM_THREADS=1 when
 unset): the step's compute then runs on the main thread (CPU autograd runs backward on the calling
@@ -151,7 +151,8 @@ def bench_memory(args):
             base = torch.cuda.memory_allocated()
             fn(); torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - base
-        from titan_rw.memtrack import peak_bytes  # live tensor storage, counted at the dispatcher
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+        from memtrack import peak_bytes  # live tensor storage, counted at the dispatcher (tests/memtrack.py)
 
         return peak_bytes(fn)
 

@@ -26,9 +26,10 @@ import titan_rw  # noqa: F401
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
 from titan_rw import config as C
+from helpers import full, reweight_as_configured  # noqa: E402  (tests/helpers.py: the script runs from tests/)
+from torch.distributed.tensor import DTensor  # noqa: E402
 
 SEQ, B_LOCAL, SLOTS, MIN_TOKENS = 32, 2, 4, 4
 IGNORE = -100
@@ -44,10 +45,6 @@ POOL = [
     ([20, 9, 3], 0),         # a short fragment at the end
     ([16, 16], 3),           # padded labels: the last fragment has 13 valid tokens
 ]
-
-
-def full(t):
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def make_row(layout, pad, gen):
@@ -166,7 +163,8 @@ def main(out_path):
 
     def case(name, strategy, k, scope, start, temperature=1.0, cap=None):
         trainer.rw.strategy, trainer.rw.scope, trainer.rw.cap, trainer.rw.granularity = strategy, scope, cap, "document"
-        trainer.temperature_schedule.target = trainer.temperature_schedule.warmup_value = temperature
+        reweight_as_configured(trainer)
+        trainer.temperature_schedule.target = trainer.temperature_schedule.warmup_temperature = temperature
         trainer.gradient_accumulation_steps = k
         rows = draw(start, k * B_LOCAL * dp)
         params, grads, stats = one_step(rows, k)
@@ -226,7 +224,8 @@ def main(out_path):
     def rows_vs_documents(start):
         """Every row one document: granularity document gives the row weights (slot 0 of each row)."""
         trainer.rw.strategy, trainer.rw.scope, trainer.rw.cap = "linupper", "microbatch", None
-        trainer.temperature_schedule.target = trainer.temperature_schedule.warmup_value = 0.5
+        reweight_as_configured(trainer)
+        trainer.temperature_schedule.target = trainer.temperature_schedule.warmup_temperature = 0.5
         trainer.gradient_accumulation_steps = 1
         gen = torch.Generator().manual_seed(seed[0])
         seed[0] += 1

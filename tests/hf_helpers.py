@@ -2,13 +2,12 @@
 trainer, `python -m titan_rw.train`, DCP checkpoint) and ONE `titan-rw export` of it, per session.
 tests/conftest.py imports the fixtures, so every test module shares the same two."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, subprocess_env  # noqa: E402
 STEPS = 10
 SEQ = 64
 TRAIN = [
@@ -21,11 +20,8 @@ TRAIN = [
 
 def env(tmp) -> dict:
     """A subprocess environment: this checkout first, offline Hugging Face, private caches."""
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([ROOT, e.get("PYTHONPATH", "")])
-    e.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp / "hf_home"),
-             TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return e
+    return subprocess_env(tmp, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                          HF_HOME=str(tmp / "hf_home"), TOKENIZERS_PARALLELISM="false")
 
 
 def run(cmd, tmp, timeout=600) -> subprocess.CompletedProcess:

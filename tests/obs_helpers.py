@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from titan_rw.data import EMBEDDED_TRAIN
-from titan_rw.loss import per_sample_loss, reweighted_loss
+from titan_rw.loss import ReweightSettings, per_sample_loss, reweighted_loss
 from titan_rw.observability import RunLogger
 
 STEPS = 40
@@ -66,9 +66,7 @@ def train_run(folder: str, *, strategy: str, temperature: float, cap: float | No
         inp, labels = loader.next_batch()
         prov = loader.last_provenance
         losses, n_valid = per_sample_loss(model.lm_head, model.emb(inp["input"]), labels, num_chunks=2)
-        loss, stats = reweighted_loss(
-            losses, temperature, strategy=strategy, cap=cap, group=None, dp_rank=0, dp_size=1, valid=n_valid > 0
-        )
+        loss, stats = reweighted_loss(losses, temperature, ReweightSettings(strategy, cap=cap), valid=n_valid > 0)
         opt.zero_grad()
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

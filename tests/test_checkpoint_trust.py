@@ -24,7 +24,6 @@ import json
 import math
 import os
 import pickle
-import random
 import shutil
 import subprocess
 import sys
@@ -34,10 +33,8 @@ import numpy as np
 import pytest
 import torch
 
-from test_resume import _env  # the trainer subprocess's environment (one definition)
-from test_resume_safety import _userns_ok
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, subprocess_env, tmpfs_mount_problem  # noqa: E402
 pytestmark = pytest.mark.slow
 
 STEPS, WARMUP, LR, MIN_LR = 6, 2, 1e-3, 0.1  # debug_cpu.toml: lr 1e-3, cosine decay to 0.1 x lr
@@ -53,7 +50,7 @@ STREAM_KEY = "titan_rw_token_stream"  # the data loader's key (titan_rw/data/loa
 
 def _run(tmp, folder, *extra, expect=0, timeout=300):
     cmd = [sys.executable, "-m", "titan_rw.train", *COMMON, "--job.dump_folder", folder, *extra]
-    out = subprocess.run(cmd, cwd=ROOT, env=_env(tmp), capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(tmp), capture_output=True, text=True, timeout=timeout)
     log = out.stdout + out.stderr
     assert out.returncode == expect, f"exit {out.returncode} (expected {expect})\n" + log[-6000:]
     return log
@@ -278,7 +275,7 @@ def test_a_failed_async_save_names_its_step_and_the_newest_complete_one(tmp_path
     """async_mode = "async", the checkpoint folder on a 7 MiB tmpfs (a tiny checkpoint is ~4.9 MB):
     step-2 is written, step-4's background write runs out of space and is found when step 6 waits
     for it. One line, exit 1: step 4 failed, step-2 is the newest complete checkpoint."""
-    why = _userns_ok()
+    why = tmpfs_mount_problem()
     if why:
         if os.environ.get("CI") == "true":
             pytest.fail(f"the async full-disk test must run in CI: {why}")
@@ -293,7 +290,7 @@ mount -t tmpfs -o size=7m tmpfs {folder}/checkpoint
 ls -a {folder}/checkpoint/step-2 > {tmp_path}/step2.txt 2>&1
 """
     subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=ROOT,
-                   env=_env(str(tmp_path)), timeout=600, check=True)
+                   env=subprocess_env(str(tmp_path)), timeout=600, check=True)
     full = (tmp_path / "full.log").read_text()
     assert (tmp_path / "full.rc").read_text().strip() == "1", full[-4000:]
     line = _one_line(full, "no space left on device")

@@ -11,15 +11,13 @@ import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, subprocess_env  # noqa: E402
 ALL = ["triton_stub", "cpu_device", "set_timeout", "sdpa_attention", "partial_dtensor", "force_sum_reduce"]
 
 
 def run_py(code: str, env_extra: dict | None = None, pythonpath: list[str] | None = None,
            env_drop: tuple[str, ...] = ()) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in env_drop}
-    env["PYTHONPATH"] = os.pathsep.join([*(pythonpath or []), ROOT, env.get("PYTHONPATH", "")])
-    env.update(env_extra or {})
+    env = subprocess_env(pythonpath=pythonpath or (), drop=env_drop, **(env_extra or {}))
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,

@@ -7,7 +7,7 @@ import pytest
 
 from titan_rw import config as C
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT  # noqa: E402
 DEBUG = os.path.join(ROOT, "train_configs", "debug_cpu.toml")
 
 

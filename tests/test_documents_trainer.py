@@ -21,12 +21,11 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from test_resume import _env, _metrics, _run
+from test_resume import _run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, metrics_by_step, subprocess_env  # noqa: E402
 pytestmark = pytest.mark.slow
 
 FORTUNES = os.path.join(ROOT, "titan_rw", "assets", "corpus", "train", "fortunes.parquet")
@@ -43,7 +42,7 @@ DOCS = [
 def test_document_gradients_equal_float64_reference(tmp_path):
     procs = {}
     for n in (1, 2):  # both launches at once: each is mostly start-up
-        env = _env(str(tmp_path))
+        env = subprocess_env(str(tmp_path))
         env["RW_DUMP"] = str(tmp_path / f"dump{n}")
         log = open(tmp_path / f"worker{n}.log", "w")
         procs[n] = (subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
@@ -136,7 +135,7 @@ KEYS = ("loss", "weighted_loss", "max_weight", "max_weight_ratio", "overflow_row
 
 
 def test_document_runs_one_and_two_ranks(doc_runs, served):
-    one, two = _metrics(doc_runs["one"]), _metrics(doc_runs["two"])
+    one, two = metrics_by_step(doc_runs["one"]), metrics_by_step(doc_runs["two"])
     assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
     for s in one:
         a, b = one[s], two[s]
@@ -156,7 +155,7 @@ def test_document_runs_one_and_two_ranks(doc_runs, served):
 
 
 def test_document_run_resumes_bit_for_bit(doc_runs):
-    ref, res = _metrics(doc_runs["one"]), _metrics(doc_runs["kill"])
+    ref, res = metrics_by_step(doc_runs["one"]), metrics_by_step(doc_runs["kill"])
     assert sorted(res) == list(range(1, STEPS + 1))
     assert [r["step"] for r in doc_runs["killed_rows"]] == [1, 2, 3]
     assert "resumed from the checkpoint of step 2" in doc_runs["resume_log"]

@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from titan_rw.experiments import duplicates as dup
+from titan_rw.experiments.duplicates import cli, config, data, training
+from titan_rw.experiments.duplicates import runs as run_set
 
 SEEDS = (0, 1)
 
@@ -24,7 +25,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("duplicates")
     threads = torch.get_num_threads()
     try:
-        rc = dup.main([
+        rc = cli.main([
             "--quick", "--steps", "60", "--eval-every", "30", "--seeds", ",".join(map(str, SEEDS)),
             "--granularity", "both", "--check-uniform-document", "--threads", "1", "--out", str(out),
         ])
@@ -116,13 +117,13 @@ def test_outputs(quick_run):
 
 
 def _batch_and_model(tmp_path):
-    cfg = dup.DupConfig(flavor="tiny", seq_len=64, batch_size=8, max_docs=60, piece_chars=300, seed=3)
-    path, _ = dup.build_dataset(cfg, str(tmp_path))
-    dl = dup._loader(cfg, dataset_path=path, format="parquet")
+    cfg = config.DupConfig(flavor="tiny", seq_len=64, batch_size=8, max_docs=60, piece_chars=300, seed=3)
+    path, _ = data.build_dataset(cfg, str(tmp_path))
+    dl = training._loader(cfg, dataset_path=path, format="parquet")
     for input_dict, labels in dl:
         if (labels != -100).all():  # a batch without the padded last row
             break
-    return cfg, dup._build_model(cfg), input_dict, labels, dl.last_provenance
+    return cfg, training._build_model(cfg), input_dict, labels, dl.last_provenance
 
 
 def test_document_weights_against_provenance(tmp_path):
@@ -130,7 +131,7 @@ def test_document_weights_against_provenance(tmp_path):
     token counts, not the positions) and a float64 cross-entropy of the full logits."""
     cfg, model, inp, labels, prov = _batch_and_model(tmp_path)
     assert any(len(p) >= 3 for p in prov)  # short pieces: rows hold several documents
-    loss, rec = dup.step_loss(model, inp["input"], inp["positions"], labels, granularity="document",
+    loss, rec = training.step_loss(model, inp["input"], inp["positions"], labels, granularity="document",
                               strategy="uniform", temperature=1.0, cfg=cfg)
     with torch.no_grad():
         hidden = model(inp["input"], positions=inp["positions"]).double()
@@ -139,7 +140,7 @@ def test_document_weights_against_provenance(tmp_path):
         nll = nll.view(labels.shape).numpy()
     n_all = sum(d["n_tokens"] for p in prov for d in p)
     assert n_all == labels.numel()
-    Fs = cfg.max_documents
+    Fs = cfg.max_documents_per_row
     w, f, n = (rec[k].reshape(-1, Fs) for k in ("weights", "losses", "n_tokens"))
     for j, docs in enumerate(prov):
         for k in range(Fs):
@@ -154,7 +155,7 @@ def test_document_weights_against_provenance(tmp_path):
     assert float(loss.detach()) == pytest.approx(nll.mean(), rel=1e-4)  # uniform = the token mean
 
     # LinUpper: weights still sum to 1, fragments under min_tokens keep their token share
-    _, rec = dup.step_loss(model, inp["input"], inp["positions"], labels, granularity="document",
+    _, rec = training.step_loss(model, inp["input"], inp["positions"], labels, granularity="document",
                            strategy="linupper", temperature=1.0, cfg=cfg)
     w, pi, n = rec["weights"], rec["prior"], rec["n_tokens"]
     assert w.sum() == pytest.approx(1.0, abs=1e-5)
@@ -162,7 +163,7 @@ def test_document_weights_against_provenance(tmp_path):
     assert short.any() and np.allclose(w[short], pi[short], rtol=1e-5)
     assert not np.allclose(w[n > 0], pi[n > 0], rtol=1e-3)
     # rows: uniform 1/b each
-    _, rec = dup.step_loss(model, inp["input"], inp["positions"], labels, granularity="row",
+    _, rec = training.step_loss(model, inp["input"], inp["positions"], labels, granularity="row",
                            strategy="uniform", temperature=1.0, cfg=cfg)
     assert np.allclose(rec["weights"], 1 / cfg.batch_size) and np.allclose(rec["prior"], 1 / cfg.batch_size)
 
@@ -172,7 +173,7 @@ def test_temperature_warmup(tmp_path):
     is within e^(±1/100) of its uniform share then, and spreads wider at r = 1 afterwards."""
     threads = torch.get_num_threads()
     try:
-        rc = dup.main(["--quick", "--steps", "8", "--eval-every", "0", "--no-plot", "--strategies", "linupper",
+        rc = cli.main(["--quick", "--steps", "8", "--eval-every", "0", "--no-plot", "--strategies", "linupper",
                        "--granularity", "both", "--temp-warmup-steps", "4", "--threads", "1", "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
@@ -190,7 +191,7 @@ def test_fragment_dup_share_merges_overflow():
         [{"doc_id": "b", "n_tokens": 64}],
         [],
     ]
-    q = dup.fragment_dup_share(prov, {"b", "b#c01"}, max_documents=2)
+    q = data.fragment_dup_share(prov, {"b", "b#c01"}, max_documents_per_row=2)
     assert q.shape == (3, 2)
     assert q[0, 0] == 0.0 and q[0, 1] == pytest.approx(10 / 40)  # slot 1 holds b#c01 and c
     assert q[1, 0] == 1.0 and np.isnan(q[1, 1]) and np.isnan(q[2]).all()
@@ -198,10 +199,10 @@ def test_fragment_dup_share_merges_overflow():
 
 def test_split_text_round_trips():
     text = "a" * 50 + "\n" + "b" * 5000 + "\nshort\n" + "c" * 30
-    pieces = dup._split_text(text, 2000)
+    pieces = data._split_text(text, 2000)
     assert "".join(pieces) == text
     assert all(len(p) <= 2000 for p in pieces)
-    assert dup._split_text("tiny", 2000) == ["tiny"]
+    assert data._split_text("tiny", 2000) == ["tiny"]
 
 
 def test_row_dup_share():
@@ -210,18 +211,18 @@ def test_row_dup_share():
         [{"doc_id": "b", "n_tokens": 64}],
         [],
     ]
-    q = dup.row_dup_share(prov, {"b", "b#c01"})
+    q = data.row_dup_share(prov, {"b", "b#c01"})
     assert q[0] == pytest.approx(0.25) and q[1] == 1.0 and np.isnan(q[2])
 
 
 def test_seeds_argument_and_plan():
-    assert dup._seeds_arg("3") == (0, 1, 2) and dup._seeds_arg("0,5,7") == (0, 5, 7) and dup._seeds_arg("4,") == (4,)
-    cfg = dup.DupConfig(granularity="both", strategies=("uniform", "linupper"), check_uniform_document=True)
-    assert dup.run_plan(cfg, True) == [("row", "uniform"), ("document", "uniform"), ("row", "linupper"),
+    assert cli._seeds_arg("3") == (0, 1, 2) and cli._seeds_arg("0,5,7") == (0, 5, 7) and cli._seeds_arg("4,") == (4,)
+    cfg = config.DupConfig(granularity="both", strategies=("uniform", "linupper"), check_uniform_document=True)
+    assert run_set.run_plan(cfg, True) == [("row", "uniform"), ("document", "uniform"), ("row", "linupper"),
                                        ("document", "linupper")]
-    assert dup.run_plan(cfg, False) == [("row", "uniform"), ("row", "linupper"), ("document", "linupper")]
+    assert run_set.run_plan(cfg, False) == [("row", "uniform"), ("row", "linupper"), ("document", "linupper")]
 
 
 def test_rejects_unknown_strategy(tmp_path, capsys):
-    assert dup.main(["--quick", "--strategies", "uniform,nope", "--out", str(tmp_path)]) == 2
+    assert cli.main(["--quick", "--strategies", "uniform,nope", "--out", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err

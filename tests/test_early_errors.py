@@ -23,7 +23,7 @@ import pytest
 from test_data_helpers import write_shard
 from titan_rw.data import DEFAULT_TOKENIZER, EMBEDDED_TRAIN
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, subprocess_env  # noqa: E402
 COMMON = [
     "--config", "train_configs/debug_cpu.toml", "--model.flavor", "tiny", "--training.steps", "1",
     "--training.seq_len", "32", "--training.local_batch_size", "4", "--training.global_batch_size", "8",
@@ -33,13 +33,8 @@ BUILT = ("Building llama", "Building device mesh")  # TorchTitan's log lines whi
 
 
 def _env(tmp):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(str(tmp), "inductor")
-    env["OMP_NUM_THREADS"] = "1"
-    for k in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE", "TORCHELASTIC_RESTART_COUNT"):
-        env.pop(k, None)
-    return env
+    return subprocess_env(tmp, drop=("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE",
+                                      "TORCHELASTIC_RESTART_COUNT"))
 
 
 def _train(tmp, *args, launcher=("-m", "titan_rw.train"), common=True, expect=2):

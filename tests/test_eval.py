@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, subprocess_env  # noqa: E402
 STEPS = 20
 SEQ = 64
 TRAIN_OVERRIDES = [
@@ -32,11 +32,7 @@ TRAIN_OVERRIDES = [
 
 
 def _env(tmp):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp / "hf_home"))
-    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "inductor")
-    return env
+    return subprocess_env(tmp, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp / "hf_home"))
 
 
 @pytest.fixture(scope="module")

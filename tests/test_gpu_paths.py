@@ -19,20 +19,14 @@ import pytest
 from titan_rw import config as C
 from titan_rw.trainer import ReweightTrainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, subprocess_env  # noqa: E402
 WORKER = os.path.join(ROOT, "tests", "gpu_paths_worker.py")
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "train_configs", "*.toml")))
 
 
 def _env(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
-    env["MASTER_PORT"] = str(29600 + os.getpid() % 300)
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
-        env.pop(k, None)
-    return env
+    return subprocess_env(tmp_path, drop=("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RESTART_COUNT"),
+                          MASTER_PORT=str(29600 + os.getpid() % 300))
 
 
 def _run(cmd, tmp_path, timeout=400):

@@ -1,13 +1,15 @@
 """The package's layering, read from the source with `ast` (nothing is imported): every module opens
 with a docstring, titan_rw's modules import each other without circles (module-level and
-function-level imports alike), and the few explicit layering rules of docs/design.md hold."""
+function-level imports alike), the few explicit layering rules of docs/design.md hold, and no class
+is over MAX_CLASS_LINES lines nor any function (method, nested function) over MAX_FUNCTION_LINES."""
 
 import ast
 import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
 PKG = os.path.join(ROOT, "titan_rw")
 
 # (module, modules it must not import, why). A prefix "x" also forbids "x.<anything>".
@@ -139,3 +141,67 @@ def test_layering_rules(name, forbidden, why):
     imports = imported_names(name)
     bad = sorted(i for i in imports for f in forbidden if i == f or i.startswith(f + "."))
     assert not bad, f"{name} imports {bad}: {why}"
+
+
+# ---------------------------------------------------------------------------- sizes
+MAX_CLASS_LINES = 300
+MAX_FUNCTION_LINES = 80  # a method or a nested function counts on its own (and inside its parent)
+
+# The known exceptions, being brought under the limits by the observability rework (issue 25). The
+# lead empties this list at that merge; the test fails on an entry that is no longer needed.
+# (module, qualified name or None for any class/function of the module or its subpackage)
+SIZE_EXCEPTIONS_UNTIL_OBSERVABILITY_REWORK = [
+    ("titan_rw.observability", None),
+    ("titan_rw.trainer", "ReweightTrainer"),
+]
+
+
+def definition_sizes(tree: ast.Module) -> list[tuple[str, str, int]]:
+    """(qualified name, "class" or "function", lines from its `def`/`class` line to its last line)
+    of every class and function of a module, nested ones included."""
+    out = []
+
+    def walk(node, prefix):
+        for n in ast.iter_child_nodes(node):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = prefix + n.name
+                out.append((name, "class" if isinstance(n, ast.ClassDef) else "function", n.end_lineno - n.lineno + 1))
+                walk(n, name + ".")
+            else:
+                walk(n, prefix)
+
+    walk(tree, "")
+    return out
+
+
+def oversized() -> list[tuple[str, str, str, int]]:
+    """(module, qualified name, kind, lines) of every class and function over its limit."""
+    limit = {"class": MAX_CLASS_LINES, "function": MAX_FUNCTION_LINES}
+    return [(m, q, kind, n) for m in sorted(MODULES) for q, kind, n in definition_sizes(_tree(m)) if n > limit[kind]]
+
+
+def _excepted(module: str, qualname: str, entry) -> bool:
+    mod, name = entry
+    if not (module == mod or module.startswith(mod + ".")):
+        return False
+    return name is None or qualname == name or qualname.startswith(name + ".")
+
+
+def test_definition_sizes_reader():
+    """The measure itself, on a made-up module: a class's lines run from `class` to its last line,
+    a method counts on its own, a nested function too."""
+    src = "class A:\n    def f(self):\n        def g():\n            return 1\n        return g\n\n\ndef h():\n    pass\n"
+    assert definition_sizes(ast.parse(src)) == [("A", "class", 5), ("A.f", "function", 4), ("A.f.g", "function", 2),
+                                                  ("h", "function", 2)]
+    assert _excepted("titan_rw.observability.sinks", "RunLogger.record", ("titan_rw.observability", None))
+    assert not _excepted("titan_rw.trainer", "_check_parallelism", ("titan_rw.trainer", "ReweightTrainer"))
+
+
+def test_no_class_over_300_lines_and_no_function_over_80():
+    big = oversized()
+    bad = [b for b in big if not any(_excepted(b[0], b[1], e) for e in SIZE_EXCEPTIONS_UNTIL_OBSERVABILITY_REWORK)]
+    assert not bad, "over the size limits (split them): " + "; ".join(
+        f"{m}.{q} ({kind}, {n} lines)" for m, q, kind, n in bad)
+    stale = [e for e in SIZE_EXCEPTIONS_UNTIL_OBSERVABILITY_REWORK
+             if not any(_excepted(m, q, e) for m, q, _, _ in big)]
+    assert not stale, f"no longer over the limits: remove {stale} from SIZE_EXCEPTIONS_UNTIL_OBSERVABILITY_REWORK"

@@ -10,12 +10,11 @@ is importable, patch 10 stays off: tests/test_compat.py's list of applied patche
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, subprocess_env  # noqa: E402
 
 BLOCK = """
 import importlib.abc, sys
@@ -29,7 +28,7 @@ sys.meta_path.insert(0, _Absent())
 
 
 def _run(code: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    env = subprocess_env()
     p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]

@@ -11,8 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from titan_rw.memtrack import peak_bytes
-from titan_rw.loss import IGNORE_INDEX, per_sample_loss, reweighted_loss
+from memtrack import peak_bytes
+from titan_rw.loss import IGNORE_INDEX, ReweightSettings, per_sample_loss, reweighted_loss
 from titan_rw.reweight import sample_weights
 
 
@@ -89,9 +89,7 @@ def test_per_sample_loss_memory_stays_at_chunked_level():
 
 def test_reweighted_loss_single_process_weights_and_nan():
     losses = torch.tensor([1.0, 2.0, float("nan"), 4.0], requires_grad=True)
-    loss, stats = reweighted_loss(
-        losses, torch.tensor(1.0), strategy="linupper", cap=None, group=None, dp_rank=0, dp_size=1
-    )
+    loss, stats = reweighted_loss(losses, torch.tensor(1.0), ReweightSettings("linupper"))
     ref = sample_weights(losses.detach(), "linupper", 1.0)
     torch.testing.assert_close(stats.weights, ref)
     assert stats.weights[2] == 0 and int(stats.b) == 3
@@ -133,16 +131,13 @@ def _worker(rank, port, strategy, cap, out_path):
         emb = emb.clone().requires_grad_()
         losses, head_w = _losses(emb, head.clone(), mine)
         temp = torch.tensor(0.7)
-        loss, stats = reweighted_loss(
-            losses, temp, strategy=strategy, cap=cap, group=dist.group.WORLD, dp_rank=rank, dp_size=2
-        )
+        settings = ReweightSettings(strategy, cap=cap, group=dist.group.WORLD, dp_rank=rank, dp_size=2)
+        loss, stats = reweighted_loss(losses, temp, settings)
         loss.backward()
         grads = torch.cat([emb.grad.flatten(), head_w.grad.flatten()])
         dist.all_reduce(grads)  # FSDP in TorchTitan sums gradients over DP ranks
         step = torch.compile(reweighted_loss, fullgraph=True)
-        c_loss, c_stats = step(
-            losses.detach(), temp, strategy=strategy, cap=cap, group=dist.group.WORLD, dp_rank=rank, dp_size=2
-        )
+        c_loss, c_stats = step(losses.detach(), temp, settings)
         if rank == 0:
             torch.save((grads, stats.weights.clone(), stats.losses.clone(), (c_loss - loss).abs().item(),
                      (c_stats.weights - stats.weights).abs().max().item()), out_path)

@@ -28,7 +28,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util import tensor_util
 
 from obs_helpers import corpus_ids
-from titan_rw.loss import reweighted_loss
+from titan_rw.loss import ReweightSettings, reweighted_loss
 from titan_rw.observability import (
     HIST_TAGS,
     GroupLayout,
@@ -41,7 +41,7 @@ from titan_rw.observability import (
 )
 from titan_rw.progress import Progress, fmt_duration
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, subprocess_env  # noqa: E402
 STEPS = 4
 GLOBAL_BATCH = 16
 RUNS = {  # name: (ranks, local batch, scope, strategy, temperature, extra overrides)
@@ -73,10 +73,7 @@ def _launch(name, base, env):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("obs_trainer"))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, "inductor")
+    env = subprocess_env(base)
     return {name: _launch(name, base, env) for name in RUNS}
 
 
@@ -90,8 +87,7 @@ def _acc(run_dir):
 
 def _stats(losses, strategy="linupper", temperature=1.0, cap=None, valid=None):
     return reweighted_loss(
-        torch.as_tensor(losses, dtype=torch.float32), temperature, strategy=strategy, cap=cap,
-        group=None, dp_rank=0, dp_size=1, valid=valid,
+        torch.as_tensor(losses, dtype=torch.float32), temperature, ReweightSettings(strategy, cap=cap), valid=valid,
     )[1]
 
 

@@ -109,3 +109,31 @@ def test_fig6_leaves_out_the_warmup_steps(tmp_path, monkeypatch):
     (ax,) = figs[0].axes
     assert "15 steps, warm-up steps 1-5 excluded" in ax.get_title()
     assert sum(p.get_height() for p in ax.patches) == 15 and ax.get_xlim()[1] < 0.1  # the 0.5 outliers are out
+
+
+def test_fig6_titles_fit_inside_the_figure(tmp_path, monkeypatch):
+    """Every panel title of Figure 6, as rendered in the saved figure, lies inside the figure's
+    width (a long run name with the warm-up note ran off both edges of the PNG)."""
+    from titan_rw import report
+
+    run = tmp_path / "linupper_r1_cap2_seed0_a_rather_long_run_name"
+    run.mkdir()
+    rows = [{"step": s, "loss": 3.0, "weighted_loss": 3.0, "max_weight": 0.01 + 0.001 * s, "strategy": "linupper",
+             "max_weight_bound": 2 / 128, "b": 128, "bound_ratio": 0.5} for s in range(1, 201)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "run_config.toml").write_text("[reweight]\nwarmup_steps = 100\n")
+    figs = []
+    real_save = report._save
+    monkeypatch.setattr(report, "_save", lambda fig, path: (figs.append(fig), real_save(fig, path))[1])
+    report.fig6([report.Run(str(run))] * 2, str(tmp_path / "fig6.png"))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = figs[0]
+    canvas = FigureCanvasAgg(fig)  # pyplot closed the figure; draw it again at its saved layout
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    width = fig.bbox.width
+    for ax in fig.axes:
+        box = ax.title.get_window_extent(renderer)
+        assert ax.get_title(), "a panel without a title"
+        assert box.x0 >= 0 and box.x1 <= width, (ax.get_title(), box.x0, box.x1, width)

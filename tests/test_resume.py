@@ -28,7 +28,7 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, metrics_by_step, subprocess_env  # noqa: E402
 pytestmark = pytest.mark.slow
 
 STEPS = 6
@@ -41,15 +41,6 @@ COMMON = [
 ]
 
 
-def _env(tmp):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tmp, "inductor")
-    env["OMP_NUM_THREADS"] = "1"
-    env.pop("TORCHELASTIC_RESTART_COUNT", None)
-    return env
-
-
 def _run(tmp, folder, *extra, nproc=1, torchrun_args=(), expect=0, timeout=300):
     if nproc == 1:
         cmd = [sys.executable, "-m", "titan_rw.train"]
@@ -57,7 +48,7 @@ def _run(tmp, folder, *extra, nproc=1, torchrun_args=(), expect=0, timeout=300):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                *torchrun_args, "-m", "titan_rw.train"]
     cmd += [*COMMON, "--job.dump_folder", folder, *extra]
-    out = subprocess.run(cmd, cwd=ROOT, env=_env(tmp), capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(tmp), capture_output=True, text=True, timeout=timeout)
     log = out.stdout + out.stderr
     with open(folder.rstrip("/") + f".{len(os.listdir(os.path.dirname(folder)))}.log", "w") as fh:
         fh.write(log)
@@ -65,12 +56,6 @@ def _run(tmp, folder, *extra, nproc=1, torchrun_args=(), expect=0, timeout=300):
         ok = out.returncode == expect if expect != "nonzero" else out.returncode != 0
         assert ok, f"exit {out.returncode} (expected {expect})\n" + log[-6000:]
     return out.returncode, log
-
-
-def _metrics(folder):
-    from titan_rw.observability import read_metrics
-
-    return {r["step"]: r for r in read_metrics(folder)}
 
 
 def _audit(folder) -> dict[int, list]:
@@ -171,7 +156,7 @@ KEYS = ("loss", "weighted_loss", "max_weight", "grad_norm", "lr", "temperature")
 
 
 def test_sigkill_and_resume_is_bit_identical(runs):
-    ref, res = _metrics(runs["ref1"]), _metrics(runs["kill1"])
+    ref, res = metrics_by_step(runs["ref1"]), metrics_by_step(runs["kill1"])
     assert sorted(ref) == sorted(res) == list(range(1, STEPS + 1))
     for s in ref:
         for k in KEYS:
@@ -210,7 +195,7 @@ def _check_same_stream(ref_folder, *parts):
 
 def test_resume_two_ranks_to_one(runs):
     _check_same_stream(runs["ref1"], (runs["ref2"], [1, 2]), (runs["two_to_one"], range(3, STEPS + 1)))
-    ref, res = _metrics(runs["ref2"]), _metrics(runs["two_to_one"])
+    ref, res = metrics_by_step(runs["ref2"]), metrics_by_step(runs["two_to_one"])
     for s in range(3, STEPS + 1):
         for k in ("loss", "weighted_loss", "max_weight"):
             assert res[s][k] == pytest.approx(ref[s][k], rel=1e-4), (s, k)
@@ -218,7 +203,7 @@ def test_resume_two_ranks_to_one(runs):
 
 def test_resume_one_rank_to_two(runs):
     _check_same_stream(runs["ref1"], (runs["kill1"], [1, 2]), (runs["one_to_two"], range(3, STEPS + 1)))
-    ref, res = _metrics(runs["ref1"]), _metrics(runs["one_to_two"])
+    ref, res = metrics_by_step(runs["ref1"]), metrics_by_step(runs["one_to_two"])
     for s in range(3, STEPS + 1):
         for k in ("loss", "weighted_loss", "max_weight"):
             assert res[s][k] == pytest.approx(ref[s][k], rel=1e-4), (s, k)
@@ -226,7 +211,7 @@ def test_resume_one_rank_to_two(runs):
 
 def test_torchrun_restart_after_a_killed_rank(runs):
     assert "SIGKILL of rank 1 after step 3" in runs["elastic_log"]
-    ref, res = _metrics(runs["ref2"]), _metrics(runs["elastic"])
+    ref, res = metrics_by_step(runs["ref2"]), metrics_by_step(runs["elastic"])
     assert sorted(res) == list(range(1, STEPS + 1))
     for s in ref:
         for k in KEYS:
@@ -244,7 +229,7 @@ def test_damaged_checkpoints_are_skipped_and_said_so(runs):
     assert "step-6: data file" in line and "truncated" in line
     assert "step-4: data file" in line and "missing" in line
     assert line.rstrip().endswith("loaded " + os.path.join(runs["damaged"], "checkpoint", "step-2"))
-    ref, res = _metrics(runs["ref1"]), _metrics(runs["damaged"])
+    ref, res = metrics_by_step(runs["ref1"]), metrics_by_step(runs["damaged"])
     assert sorted(res) == [3, 4, 5, 6]
     for s in res:
         assert res[s]["loss"] == ref[s]["loss"]
@@ -256,7 +241,7 @@ def test_unreadable_checkpoint_falls_back(runs):
     assert len(lines) == 1, log[-4000:]
     assert "step-6: load failed" in lines[0]
     assert lines[0].rstrip().endswith("loaded " + os.path.join(runs["unreadable"], "checkpoint", "step-4"))
-    ref, res = _metrics(runs["ref1"]), _metrics(runs["unreadable"])
+    ref, res = metrics_by_step(runs["ref1"]), metrics_by_step(runs["unreadable"])
     assert sorted(res) == [5, 6]
     for s in res:  # nothing of the failed attempt survived
         for k in KEYS:
@@ -266,7 +251,7 @@ def test_unreadable_checkpoint_falls_back(runs):
 def test_nan_loss_weight_zero_nan_grad_skipped_signal_checkpoint(runs):
     log = runs["signal_log"]
     assert "stopping at step 4: SIGUSR1 received" in log and "exit code 138" in log
-    m = _metrics(runs["faults"])
+    m = metrics_by_step(runs["faults"])
     assert sorted(m) == list(range(1, STEPS + 1))  # the resumed run finished
     # step 2: +inf in one sample's embedding output (inside the model) -> its loss is NaN, weight 0
     # (b = 15, the statistics of the other samples finite), and the step is dropped
@@ -300,5 +285,5 @@ def test_consecutive_skips_stop_after_a_checkpoint(runs):
     c1, c3 = _tensors(_ckpt(folder, 1)), _tensors(_ckpt(folder, 3))
     model_keys = [k for k in c1 if not k.split(".")[0] in ("optimizer", "lr_scheduler", "dataloader", "train_state")]
     assert model_keys and all(torch.equal(c1[k], c3[k]) for k in model_keys)  # the last good model
-    m = _metrics(folder)
+    m = metrics_by_step(folder)
     assert [m[s]["consecutive_skips"] for s in (1, 2, 3)] == [0, 1, 2]

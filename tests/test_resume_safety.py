@@ -25,9 +25,8 @@ import sys
 
 import pytest
 
-from test_resume import _env  # the trainer subprocess's environment (one definition)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, subprocess_env, tmpfs_mount_problem  # noqa: E402
 pytestmark = pytest.mark.slow
 
 STEPS = 6
@@ -41,7 +40,7 @@ COMMON = [
 
 def _run(tmp, folder, *extra, expect=0, prefix=(), timeout=300):
     cmd = [*prefix, sys.executable, "-m", "titan_rw.train", *COMMON, "--job.dump_folder", folder, *extra]
-    out = subprocess.run(cmd, cwd=ROOT, env=_env(tmp), capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(tmp), capture_output=True, text=True, timeout=timeout)
     log = out.stdout + out.stderr
     assert out.returncode == expect, f"exit {out.returncode} (expected {expect})\n" + log[-6000:]
     return log
@@ -237,7 +236,7 @@ def test_bad_values_are_one_clear_line_before_anything(tmp_path, capfd):
     occupied.mkdir()
     (occupied / "checkpoint").write_text("not a folder")
     r = subprocess.run([sys.executable, "-m", "titan_rw.train", *config, "--job.dump_folder", str(occupied)],
-                       cwd=ROOT, env=_env(str(tmp_path)), capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, env=subprocess_env(str(tmp_path)), capture_output=True, text=True, timeout=300)
     lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1, (r.returncode, r.stdout + r.stderr)
     assert "checkpoint.folder" in lines[0] and str(occupied / "checkpoint") in lines[0] and "is a file" in lines[0]
@@ -255,7 +254,7 @@ def test_sigterm_to_the_launcher_exits_143_after_a_checkpoint(tmp_path):
     folder = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "titan_rw.train", "--nproc", "2", *COMMON, "--training.steps", "500",
            "--checkpoint.interval", "1000", "--logging.log_interval", "50", "--job.dump_folder", folder]
-    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(str(tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(str(tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 240
         while not os.path.exists(os.path.join(folder, "metrics.jsonl")):  # step 1's row (log_interval 50)
@@ -278,22 +277,12 @@ def test_sigterm_to_the_launcher_exits_143_after_a_checkpoint(tmp_path):
 
 
 # ---------------------------------------------------------------------- full disk, read-only mount
-def _userns_ok() -> str | None:
-    """None when an unprivileged user+mount namespace can mount a tmpfs here, else why not."""
-    if shutil.which("unshare") is None:
-        return "no unshare(1)"
-    r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                        "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d && umount $d && rmdir $d"],
-                       capture_output=True, text=True)
-    return None if r.returncode == 0 else f"cannot mount a tmpfs in a user namespace: {r.stderr.strip()[:200]}"
-
-
 def test_disk_full_during_a_save_and_a_read_only_folder(tmp_path):
     """The checkpoint folder on a 7 MiB tmpfs (a tiny-model checkpoint is ~4.9 MB), mounted in a user
     namespace (no root needed): the step-2 save fits, the step-4 save runs out of space. The run
     stops with one line saying so, with the path; the partial step-4 is never loaded: after more
     space, the same command resumes from step-2. A read-only folder is refused at start."""
-    why = _userns_ok()
+    why = tmpfs_mount_problem()
     if why:
         pytest.skip(f"disk-full test needs a small file system without root: {why}")
     folder = tmp_path / "run"
@@ -313,7 +302,7 @@ mount -t tmpfs -o ro,size=1m tmpfs {ro}
 {py} --job.dump_folder {ro}/run > {tmp_path}/ro.log 2>&1; echo $? > {tmp_path}/ro.rc
 """
     subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=ROOT,
-                   env=_env(str(tmp_path)), timeout=600, check=True)
+                   env=subprocess_env(str(tmp_path)), timeout=600, check=True)
     read = lambda name: (tmp_path / name).read_text()  # noqa: E731
     full = read("full.log")
     assert read("full.rc").strip() == "1", full[-4000:]

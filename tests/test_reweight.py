@@ -520,7 +520,7 @@ def test_compiles_fullgraph_float_temperature_no_cap(inductor_cache):
 # TemperatureSchedule (Appendix A.2)
 # ----------------------------------------------------------------------------------------------
 def test_schedule_constant_warmup_then_target():
-    s = TemperatureSchedule(target=1.0, warmup_value=100.0, warmup_steps=10)
+    s = TemperatureSchedule(target=1.0, warmup_temperature=100.0, warmup_steps=10)
     assert [s(t) for t in (1, 5, 10)] == [100.0, 100.0, 100.0]
     assert [s(t) for t in (11, 12, 1000)] == [1.0, 1.0, 1.0]
     assert TemperatureSchedule(target=2.0)(1) == 2.0  # no warm-up: the target from step 1
@@ -529,7 +529,7 @@ def test_schedule_constant_warmup_then_target():
 @pytest.mark.parametrize("anneal", ["linear", "cosine"])
 @pytest.mark.parametrize("target, warm", [(1.0, 100.0), (5.0, 0.5)])
 def test_schedule_anneal_endpoints_and_monotone(anneal, target, warm):
-    s = TemperatureSchedule(target=target, warmup_value=warm, warmup_steps=20, anneal=anneal, anneal_steps=50)
+    s = TemperatureSchedule(target=target, warmup_temperature=warm, warmup_steps=20, anneal=anneal, anneal_steps=50)
     vals = [s(t) for t in range(1, 120)]
     assert all(v == warm for v in vals[:20])  # steps 1..20
     assert s(20 + 50) == pytest.approx(target) and s(119) == target
@@ -549,12 +549,12 @@ def test_schedule_resume_keeps_the_step_and_the_configured_shape():
     and (2) the run's configured shape is used, not the saved one (a user may change the target or
     the anneal on resume). A version that restored the saved target answers 1.0 below instead of
     the configured 2.0; one that lost the step answers the warm-up value at the next call."""
-    a = TemperatureSchedule(target=1.0, warmup_value=100.0, warmup_steps=5, anneal="cosine", anneal_steps=10)
+    a = TemperatureSchedule(target=1.0, warmup_temperature=100.0, warmup_steps=5, anneal="cosine", anneal_steps=10)
     for t in range(1, 9):
         a(t)
     state = a.state_dict()
     assert state["last_step"] == 8
-    b = TemperatureSchedule(target=2.0, warmup_value=100.0, warmup_steps=5, anneal="cosine", anneal_steps=10)
+    b = TemperatureSchedule(target=2.0, warmup_temperature=100.0, warmup_steps=5, anneal="cosine", anneal_steps=10)
     b.load_state_dict(state)
     assert b.last_step == 8
     # Appendix A.2's cosine anneal, written here: r = r_warm + (r_target - r_warm)(1 - cos(pi t/T))/2
@@ -572,8 +572,8 @@ def test_schedule_resume_keeps_the_step_and_the_configured_shape():
         dict(target=-1.0),
         dict(target=math.nan),
         dict(target=math.inf),
-        dict(warmup_value=0.0),
-        dict(warmup_value=math.inf),
+        dict(warmup_temperature=0.0),
+        dict(warmup_temperature=math.inf),
         dict(warmup_steps=-1),
         dict(anneal_steps=-1),
         dict(anneal="exponential"),
@@ -653,17 +653,17 @@ def test_uniform_is_exactly_one_over_b_or_the_prior_with_any_cap(cap):
 
 def test_schedule_uniform_burn_in():
     """warmup_mode = "uniform": steps 1..warmup_steps have no temperature (None) and phase burn-in;
-    then the target (constant) or the anneal from warmup_value; a pure function of the step."""
-    s = TemperatureSchedule(target=2.0, warmup_value=100.0, warmup_steps=3, warmup_mode="uniform")
+    then the target (constant) or the anneal from warmup_temperature; a pure function of the step."""
+    s = TemperatureSchedule(target=2.0, warmup_temperature=100.0, warmup_steps=3, warmup_mode="uniform")
     assert [s(t) for t in (1, 2, 3, 4, 50)] == [None, None, None, 2.0, 2.0]
     assert [s.burn_in(t) for t in (1, 3, 4)] == [True, True, False]
     assert [s.phase(t) for t in (1, 3, 4)] == ["burn-in", "burn-in", "target"]
     assert [s(t) for t in (50, 1, 4)] == [2.0, None, 2.0]  # any order: no hidden state
-    a = TemperatureSchedule(target=1.0, warmup_value=10.0, warmup_steps=2, anneal="linear", anneal_steps=4,
+    a = TemperatureSchedule(target=1.0, warmup_temperature=10.0, warmup_steps=2, anneal="linear", anneal_steps=4,
                             warmup_mode="uniform")
     assert [a(t) for t in range(1, 8)] == [None, None, 7.75, 5.5, 3.25, 1.0, 1.0]
     assert [a.phase(t) for t in (2, 3, 5, 6)] == ["burn-in", "anneal", "anneal", "target"]
-    t = TemperatureSchedule(target=1.0, warmup_value=100.0, warmup_steps=2)  # today's default mode
+    t = TemperatureSchedule(target=1.0, warmup_temperature=100.0, warmup_steps=2)  # today's default mode
     assert [t(x) for x in (1, 2, 3)] == [100.0, 100.0, 1.0] and not t.burn_in(1)
     assert [t.phase(x) for x in (2, 3)] == ["warm-up", "target"]
     assert s.state_dict()["warmup_mode"] == "uniform"

@@ -29,10 +29,8 @@ import time
 
 import pytest
 
-from test_resume import _env  # the trainer subprocess's environment (one definition)
-from test_resume_safety import _userns_ok  # can this machine mount a small tmpfs without root
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, subprocess_env, tmpfs_mount_problem  # noqa: E402
 pytestmark = pytest.mark.slow
 
 COMMON = [
@@ -49,7 +47,7 @@ def _cmd(folder, *extra, nproc=1):
 
 
 def _run(tmp, folder, *extra, expect=0, timeout=300):
-    out = subprocess.run(_cmd(folder, *extra), cwd=ROOT, env=_env(tmp), capture_output=True, text=True,
+    out = subprocess.run(_cmd(folder, *extra), cwd=ROOT, env=subprocess_env(tmp), capture_output=True, text=True,
                          timeout=timeout)
     log = out.stdout + out.stderr
     assert out.returncode == expect, f"exit {out.returncode} (expected {expect})\n" + log[-6000:]
@@ -106,7 +104,7 @@ def contest(tmp_path_factory):
     folder = os.path.join(base, "run")
     long = ["--training.steps", "100000", "--checkpoint.interval", "100000", "--logging.log_interval", "50"]
     lrs = ("0.001", "0.002")
-    procs = [subprocess.Popen(_cmd(folder, *long, "--optimizer.lr", lr), cwd=ROOT, env=_env(base),
+    procs = [subprocess.Popen(_cmd(folder, *long, "--optimizer.lr", lr), cwd=ROOT, env=subprocess_env(base),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for lr in lrs]
     r = {"folder": folder}
     try:
@@ -122,7 +120,7 @@ def contest(tmp_path_factory):
         r["lock"] = _lock(folder)
         r["holder_pid"] = procs[holder].pid
         # a 2-rank run on the held folder: rank 0 refuses, rank 1 learns it through torchrun's store
-        two = subprocess.run(_cmd(folder, *long, nproc=2), cwd=ROOT, env=_env(base), capture_output=True,
+        two = subprocess.run(_cmd(folder, *long, nproc=2), cwd=ROOT, env=subprocess_env(base), capture_output=True,
                              text=True, timeout=300)
         r["two_rc"], r["two_log"] = two.returncode, two.stdout + two.stderr
         r["holder_alive"] = procs[holder].poll() is None
@@ -307,7 +305,7 @@ def test_full_disk_in_the_metrics_writer_is_one_line_and_keeps_the_checkpoint(tm
     """The whole dump folder on a 7 MiB tmpfs: a 2-step run saves step-2 (~4.9 MB); then a filler
     leaves 300 KB free and the same folder is resumed for 40 steps with no checkpoint due before
     step 40: the metrics and samples rows, TensorBoard events and the structured log fill it first."""
-    why = _userns_ok()
+    why = tmpfs_mount_problem()
     if why:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI=true but the full-disk test cannot run here: {why}")
@@ -335,7 +333,7 @@ mount -o remount,size=64m {folder}
 cp {folder}/metrics.jsonl {tmp_path}/metrics_resumed.jsonl
 """
     subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=ROOT,
-                   env=_env(str(tmp_path)), timeout=600, check=True)
+                   env=subprocess_env(str(tmp_path)), timeout=600, check=True)
     read = lambda name: (tmp_path / name).read_text()  # noqa: E731
     assert read("first.rc").strip() == "0", read("first.log")[-3000:]
     full = read("full.log")

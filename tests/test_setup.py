@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "launch"))
 
 from torch_range import declared, inside  # noqa: E402

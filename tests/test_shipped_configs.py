@@ -23,7 +23,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, subprocess_env  # noqa: E402
 pytestmark = pytest.mark.slow
 
 STEPS, KILL, INTERVAL = 6, 4, 2
@@ -36,12 +36,7 @@ KEYS = ("loss", "weighted_loss", "max_weight", "grad_norm", "lr", "temperature",
 
 
 def _env(base):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, "inductor")  # shared by every run of the module
-    env["OMP_NUM_THREADS"] = "1"
-    env.pop("TORCHELASTIC_RESTART_COUNT", None)
-    return env
+    return subprocess_env(base)  # the inductor cache is shared by every run of the module
 
 
 def _cmd(name, folder, *extra):

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT as ROOT_DIR  # noqa: E402
+
+ROOT = Path(ROOT_DIR)
 SCRIPTS = sorted(p for d in ("slurm", "launch") for p in (ROOT / d).glob("*.sh"))
 from needs import need_tool, skip_or_fail
 

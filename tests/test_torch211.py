@@ -30,7 +30,7 @@ import torch
 from titan_rw import compat
 from torch_envs import other_python, py_json, train_equals_this_torch, this_torch_reference
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -15,16 +15,12 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, subprocess_env  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
 def _env(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+    return subprocess_env(tmp_path)
 
 
 def _run(cmd, tmp_path, timeout=300):

@@ -48,7 +48,9 @@ import pytest
 
 from needs import skip_or_fail_netns
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT as ROOT_DIR  # noqa: E402
+
+ROOT = Path(ROOT_DIR)
 pytestmark = pytest.mark.slow
 
 STEPS = 4

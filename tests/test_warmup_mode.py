@@ -23,9 +23,9 @@ import sys
 
 import pytest
 
-from test_resume import _env, _metrics, _run
+from test_resume import _run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, metrics_by_step, subprocess_env  # noqa: E402
 pytestmark = pytest.mark.slow
 
 WARNING = "covers all training.steps"
@@ -46,13 +46,13 @@ def runs(tmp_path_factory):
     _run(base, p("kill"), *BURN_IN, "--fault_injection.kill_at_step", "3", expect=-9)
     assert sorted(os.listdir(os.path.join(p("kill"), "checkpoint"))) == ["step-2"]
     _, resume_log = _run(base, p("kill"), *BURN_IN)
-    return {"base": base, "ref": _metrics(p("ref")), "resumed": _metrics(p("kill")), "ref_log": ref_log,
+    return {"base": base, "ref": metrics_by_step(p("ref")), "resumed": metrics_by_step(p("kill")), "ref_log": ref_log,
             "resume_log": resume_log}
 
 
 def test_burn_in_gradient_is_the_token_mean_gradient_then_the_strategy(tmp_path):
     out = tmp_path / "res.json"
-    env = _env(str(tmp_path))
+    env = subprocess_env(str(tmp_path))
     env["RW_DUMP"] = str(tmp_path / "dump")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "tests", "warmup_worker.py"), str(out)]
@@ -74,7 +74,7 @@ def test_burn_in_gradient_is_the_token_mean_gradient_then_the_strategy(tmp_path)
 def test_warm_up_longer_than_the_run_is_one_line_at_the_config_check(tmp_path):
     check = subprocess.run([sys.executable, "-m", "titan_rw.train", "--config", "train_configs/debug_cpu.toml",
                             "--reweight.warmup_steps", "2000", "--training.steps", "50", "--check"],
-                           cwd=ROOT, env=_env(str(tmp_path)), capture_output=True, text=True, timeout=400)
+                           cwd=ROOT, env=subprocess_env(str(tmp_path)), capture_output=True, text=True, timeout=400)
     assert check.returncode == 0, check.stderr[-3000:]
     lines = [line for line in (check.stdout + check.stderr).splitlines() if WARNING in line]
     assert len(lines) == 1 and "r = reweight.warmup_temperature = 100" in lines[0], check.stdout + check.stderr

@@ -22,7 +22,7 @@ import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, subprocess_env  # noqa: E402
 SETUP_HINT = {"2.15": "PIP_CONFIG_FILE=/dev/null bash launch/setup_torch_env.sh 2.15.0"}
 
 
@@ -48,13 +48,8 @@ def other_python(minor: str) -> str:
 
 
 def env(tmp) -> dict:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([ROOT, e.get("PYTHONPATH", "")])
-    e["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(str(tmp), "inductor")
-    e["OMP_NUM_THREADS"] = "1"  # torch 2.11's CPU run is ~10x slower with 2 OpenMP threads on 2 cores
-    e.pop("TORCHELASTIC_RESTART_COUNT", None)
-    e.pop("TITAN_RW_TRUNC_NORMAL_2_13", None)
-    return e
+    # one OpenMP thread: torch 2.11's CPU run is ~10x slower with 2 on 2 cores
+    return subprocess_env(tmp, drop=("TORCHELASTIC_RESTART_COUNT", "TITAN_RW_TRUNC_NORMAL_2_13"))
 
 
 def py_json(python: str, code: str, tmp) -> dict:

@@ -14,17 +14,13 @@ import titan_rw  # noqa: F401
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
 from titan_rw import config as C
 from titan_rw.reweight import sample_weights
 from titan_rw.synthetic import synthetic_row
+from helpers import full, reweight_as_configured  # noqa: E402  (tests/helpers.py: the script runs from tests/)
 
 SEQ, B_LOCAL = 32, 2
-
-
-def full(t):
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def main(out_path):
@@ -43,7 +39,8 @@ def main(out_path):
     def case(name, strategy, k, scope, temperature=1.0, cap=None):
         nonlocal row
         trainer.rw.strategy, trainer.rw.scope, trainer.rw.cap = strategy, scope, cap
-        trainer.temperature_schedule.target = trainer.temperature_schedule.warmup_value = temperature
+        reweight_as_configured(trainer)
+        trainer.temperature_schedule.target = trainer.temperature_schedule.warmup_temperature = temperature
         trainer.gradient_accumulation_steps = k
         params = {n: full(p).detach().clone() for n, p in model.named_parameters()}
         g_rows = [synthetic_row(7, row + i, SEQ, 2048) for i in range(k * B_LOCAL * dp)]  # global order

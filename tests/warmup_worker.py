@@ -25,16 +25,12 @@ import titan_rw  # noqa: F401
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
 from titan_rw import config as C
 from titan_rw.synthetic import synthetic_row
+from helpers import full  # noqa: E402  (tests/helpers.py: the script runs from tests/)
 
 SEQ, B_LOCAL, R = 32, 2, 0.5
-
-
-def full(t):
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def linupper_weights(f: list[float], r: float) -> list[float]:
@@ -95,7 +91,7 @@ def main(out_path):
             "grad_scale": max(float(g.abs().max()) for g in want.values()),
             "weights_exact_uniform": bool(torch.equal(stats.weights, torch.full((b,), 1.0) / b)),
             "weights_err": float((stats.weights.double() - torch.tensor(w_ref, dtype=torch.float64)).abs().max()),
-            "strategy": trainer._strategy,
+            "strategy": trainer._settings.strategy,  # the step's (ReweightSettings)
         }
     if rank == 0:
         with open(out_path, "w") as fh:

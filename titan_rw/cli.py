@@ -40,7 +40,7 @@ SUBGROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
             "the paper's Appendix B toy regression, all strategies",
         ),
         "duplicates": (
-            "titan_rw.experiments.duplicates",
+            "titan_rw.experiments.duplicates.cli",
             "main",
             "debug Llama on a corpus with duplicated documents: uniform vs LinUpper",
         ),

@@ -174,16 +174,17 @@ def _strip(tp):
     return tp
 
 
-def _type_name(tp) -> str:
+def type_name(tp) -> str:
+    """A key's type in words, for errors and `titan-rw train --keys`."""
     tp = _strip(tp)
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
     if origin is list:
         (a,) = typing.get_args(tp) or (Any,)
-        return f"list of {_type_name(a)}"
+        return f"list of {type_name(a)}"
     if tp is type(None):
         return "none"
     return getattr(tp, "__name__", str(tp))
@@ -288,7 +289,7 @@ def _set(values: dict, section: str, key: str, value, where: str, raw: str | Non
     if v is _MISSING and raw is not None:  # a CLI word that TOML read as a number etc.
         v = _coerce(raw, tp)
     if v is _MISSING:
-        raise ConfigError(f"{where}: {section}.{key} must be {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{where}: {section}.{key} must be {type_name(tp)}, got {value!r}")
     values.setdefault(section, {})[key] = v
 
 
@@ -327,7 +328,8 @@ def load(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[
 
 
 # ----------------------------------------------------------------------------- build
-def _section(values, name):
+def build_section(values, name):
+    """Section `name`'s config object from the resolved values (its defaults where unset)."""
     kw = {**DEFAULTS.get(name, {}), **values.get(name, {})}
     if name == "checkpoint" and not kw.get("initial_load_path"):
         kw.setdefault("initial_load_model_only", False)  # nothing to load: TorchTitan's True only warns
@@ -354,11 +356,11 @@ def dp_degree(par: ParallelismConfig, world_size: int) -> int:
 def validate(values: dict, source: str = "config", world_size: int | None = None) -> None:
     """Impossible combinations, before any compute."""
     world_size = _world_size() if world_size is None else world_size
-    m = _section(values, "model")
+    m = build_section(values, "model")
     if m.flavor not in models.FLAVORS:
         raise ConfigError(f"{source}: model.flavor {m.flavor!r} is unknown; valid flavors: {', '.join(models.FLAVORS)}")
     fl = models.flavor(m.flavor)
-    t = _section(values, "training")
+    t = build_section(values, "training")
     if t.seq_len > fl.max_seq_len:
         raise ConfigError(
             f"{source}: training.seq_len {t.seq_len} exceeds the maximum sequence length {fl.max_seq_len} of model.flavor {m.flavor!r}"
@@ -372,7 +374,7 @@ def validate(values: dict, source: str = "config", world_size: int | None = None
     for key in ("steps", "local_batch_size", "seq_len"):
         if getattr(t, key) < 1:
             raise ConfigError(f"{source}: training.{key} must be >= 1, got {getattr(t, key)}")
-    rw = _section(values, "reweight")
+    rw = build_section(values, "reweight")
     if rw.strategy not in STRATEGIES:
         raise ConfigError(f"{source}: reweight.strategy {rw.strategy!r} is unknown; valid strategies: {', '.join(STRATEGIES)}")
     try:
@@ -382,7 +384,7 @@ def validate(values: dict, source: str = "config", world_size: int | None = None
     why = rw.warmup_warning(t.steps)
     if why is not None and os.environ.get("RANK", "0") == "0":  # one line per run, not one per rank
         log.warning(f"titan_rw: {source}: {why}")
-    p = _section(values, "parallelism")
+    p = build_section(values, "parallelism")
     for key in ("pipeline_parallel_degree", "tensor_parallel_degree", "context_parallel_degree", "expert_parallel_degree"):
         if getattr(p, key) != 1:
             raise ConfigError(f"{source}: parallelism.{key} = {getattr(p, key)} is not supported by the reweighted step (use FSDP/HSDP)")
@@ -399,7 +401,7 @@ def validate(values: dict, source: str = "config", world_size: int | None = None
         )
     if t.global_batch_size == 0 or t.global_batch_size < -1:
         raise ConfigError(f"{source}: training.global_batch_size must be > 0 (or -1 for local × dp), got {t.global_batch_size}")
-    d = _section(values, "data")
+    d = build_section(values, "data")
     if d.loader == "tokens" and not data_loader_available():
         raise ConfigError(f"{source}: data.loader = 'tokens' but titan_rw.data.loader is not installed")
     if d.loader != "synthetic" and data_loader_available():
@@ -416,18 +418,18 @@ def validate(values: dict, source: str = "config", world_size: int | None = None
     _checkpoint_section(values, source)
     for name in ("logging", "fault", "run_lock"):
         try:
-            _section(values, name).validate()
+            build_section(values, name).validate()
         except ValueError as e:
             raise ConfigError(f"{source}: [{name}] {e}") from None
     try:
-        _section(values, "periodic_eval").validate()
-        _section(values, "float8").validate(compile_model=_compiles_model(values))
+        build_section(values, "periodic_eval").validate()
+        build_section(values, "float8").validate(compile_model=_compiles_model(values))
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
 
 
 def _compiles_model(values: dict) -> bool:
-    c = _section(values, "compile")
+    c = build_section(values, "compile")
     return c.enable and "model" in c.components
 
 
@@ -517,7 +519,7 @@ def _checkpoint_section(values: dict, source: str):
         if not _has_safetensors(path):
             raise ConfigError(f"{source}: checkpoint.initial_load_path {path!r} is not a folder with *.safetensors "
                               f"(a Hugging Face model folder, e.g. from `titan-rw export RUN --hf OUT`)")
-        _check_hf_shapes(path, _section(values, "model").flavor, source)
+        _check_hf_shapes(path, build_section(values, "model").flavor, source)
     mode = raw.get("async_mode")
     if isinstance(mode, str) and mode.lower() == "async_with_pinned_mem" and not compat.has_cuda():
         raise ConfigError(
@@ -525,7 +527,7 @@ def _checkpoint_section(values: dict, source: str):
             f"machine has none: use \"async\" (a background thread) or \"disabled\""
         )
     try:
-        return _section(values, "checkpoint")
+        return build_section(values, "checkpoint")
     except ValueError as e:
         raise ConfigError(f"{source}: [checkpoint] {e}") from None
 
@@ -564,7 +566,7 @@ def data_loader_available() -> bool:
 
 def _data_configs(values) -> tuple[Any, Any, str]:
     """(tokenizer config, dataloader config, hf_assets_path) for the [data] section."""
-    d = _section(values, "data")
+    d = build_section(values, "data")
     use_tokens = d.loader == "tokens" or (d.loader == "auto" and data_loader_available())
     if use_tokens:
         from titan_rw.data import DEFAULT_TOKENIZER
@@ -579,7 +581,7 @@ def _data_configs(values) -> tuple[Any, Any, str]:
         return SentencePieceTokenizer.Config(), TokenDataLoader.Config(**kw), str(d.tokenizer or DEFAULT_TOKENIZER)
     from titan_rw.synthetic import ByteTokenizer, SyntheticDataLoader
 
-    vocab = models.flavor(_section(values, "model").flavor).vocab_size
+    vocab = models.flavor(build_section(values, "model").flavor).vocab_size
     return (
         ByteTokenizer.Config(vocab_size=min(vocab, 2048)),
         SyntheticDataLoader.Config(seed=d.seed, vocab_size=min(vocab, 2048)),
@@ -590,17 +592,17 @@ def _data_configs(values) -> tuple[Any, Any, str]:
 def build(values: dict, source: str = "config", world_size: int | None = None) -> ReweightTrainer.Config:
     """Validated {section: {key: value}} → `ReweightTrainer.Config`."""
     validate(values, source, world_size)
-    job, m, opt, ac = (_section(values, s) for s in ("job", "model", "optimizer", "activation_checkpoint"))
+    job, m, opt, ac = (build_section(values, s) for s in ("job", "model", "optimizer", "activation_checkpoint"))
     spec = models.model_spec(m.flavor, None if m.attn_backend == "auto" else m.attn_backend)
-    spec.model = _section(values, "float8").convert(spec.model, compile_model=_compiles_model(values))
+    spec.model = build_section(values, "float8").convert(spec.model, compile_model=_compiles_model(values))
     tokenizer, dataloader, assets = _data_configs(values)
     ac_config = {"none": None, "selective": SelectiveAC.Config, "full": FullAC.Config}[ac.mode]
     if ac_config is not None:
         ac_config = ac_config(preserve_rng_state=ac.preserve_rng_state)
-    rw = _section(values, "reweight")
-    metrics = _section(values, "metrics")
+    rw = build_section(values, "reweight")
+    metrics = build_section(values, "metrics")
     if "log_freq" not in values.get("metrics", {}):
-        metrics.log_freq = _section(values, "logging").log_interval
+        metrics.log_freq = build_section(values, "logging").log_interval
     cfg = ReweightTrainer.Config(
         model_spec=spec,
         hf_assets_path=assets,
@@ -619,22 +621,22 @@ def build(values: dict, source: str = "config", world_size: int | None = None) -
             ],
             implementation=opt.implementation,
         ),
-        lr_scheduler=_section(values, "lr_scheduler"),
-        training=_section(values, "training"),
-        parallelism=_section(values, "parallelism"),
-        checkpoint=_section(values, "checkpoint"),
+        lr_scheduler=build_section(values, "lr_scheduler"),
+        training=build_section(values, "training"),
+        parallelism=build_section(values, "parallelism"),
+        checkpoint=build_section(values, "checkpoint"),
         metrics=metrics,
-        compile=_section(values, "compile"),
-        comm=_section(values, "comm"),
-        profiler=_section(values, "profiler"),
+        compile=build_section(values, "compile"),
+        comm=build_section(values, "comm"),
+        profiler=build_section(values, "profiler"),
         activation_checkpoint=ac_config,
         debug=DebugConfig(seed=job.seed, deterministic=job.deterministic, print_config=job.print_config),
         loss=CrossEntropyLoss.Config(global_vocab_size=models.flavor(m.flavor).vocab_size),
         reweight=rw,
-        logging=_section(values, "logging"),
-        fault=_section(values, "fault"),
-        fault_injection=_section(values, "fault_injection"),
-        periodic_eval=_section(values, "periodic_eval"),
+        logging=build_section(values, "logging"),
+        fault=build_section(values, "fault"),
+        fault_injection=build_section(values, "fault_injection"),
+        periodic_eval=build_section(values, "periodic_eval"),
         portable_init=job.portable_init,
         run_values=resolved(values),
     )
@@ -646,7 +648,7 @@ def resolved(values: dict) -> dict[str, dict[str, Any]]:
     what the trainer saves as <dump_folder>/config.json and run_config.toml."""
     out: dict[str, dict[str, Any]] = {}
     for name in SECTIONS:
-        sec = _section(values, name)
+        sec = build_section(values, name)
         if name in ONLY_WHEN_USED and sec == SECTIONS[name]():
             continue
         out[name] = {k: getattr(sec, k) for k in section_fields(name)}

@@ -16,7 +16,9 @@ token-mean loss. The bound: rows have pi = 1/b and Theorem 1 asks w_i <= 2/b, i.
 for documents the same statement is w_d <= c pi_d (c = 2), no fragment more than c times its
 token share. With `cap = c` the long fragments' weights are the KL projection w_d = min(lambda w_d,
 c pi_d / P) of the softmax (P = sum_long pi), scaled by P: w_d <= c pi_d for every fragment (short
-ones have ratio exactly 1 <= c). `max_weight_ratio` in titan_rw.reweight logs max_d w_d / pi_d.
+ones have ratio exactly 1 <= c). The run logs max_d w_d / pi_d as `max_weight_ratio` in metrics.jsonl,
+computed from the group's weights and priors by titan_rw.loss.WeightStats.of_documents;
+titan_rw.reweight.max_weight_ratio is the same ratio as a standalone function (not the logged value).
 """
 
 from __future__ import annotations
@@ -24,56 +26,55 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torchtitan.components.loss import IGNORE_INDEX  # the labels' padding value
 
 from titan_rw.reweight import (  # noqa: F401  (the defaults are re-exported)
     DEFAULT_MAX_DOCUMENTS,
     DEFAULT_MIN_DOCUMENT_TOKENS,
-    _check_strategy,
-    _check_temperature,
+    check_strategy,
+    check_temperature,
     sample_weights,
 )
-
-IGNORE_INDEX = -100  # the labels' padding value (TorchTitan's; the same as titan_rw.loss.IGNORE_INDEX)
 
 # DEFAULT_MAX_DOCUMENTS and DEFAULT_MIN_DOCUMENT_TOKENS (the config keys' defaults, and why) live in
 # titan_rw.reweight beside ReweightConfig.
 
 
-def _check_max_documents(max_documents) -> None:
-    if not isinstance(max_documents, int) or isinstance(max_documents, bool) or max_documents < 1:
-        raise ValueError(f"max_documents (reweight.max_documents_per_row) must be an int >= 1, got {max_documents!r}")
+def _check_max_documents_per_row(max_documents_per_row) -> None:
+    if not isinstance(max_documents_per_row, int) or isinstance(max_documents_per_row, bool) or max_documents_per_row < 1:
+        raise ValueError(f"reweight.max_documents_per_row must be an int >= 1, got {max_documents_per_row!r}")
 
 
-def fragment_index(positions: torch.Tensor, max_documents: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fragment_index(positions: torch.Tensor, max_documents_per_row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fragment of each input position of packed rows.
 
     positions [B, T] restart at 0 at every document start (and at each row's start). Fragment
     number = cumsum(positions == 0) - 1 along the row, column 0 always starting one; numbers past
-    F - 1 (F = max_documents) are clamped to F - 1, i.e. the tail of a row with more than F
+    F - 1 (F = max_documents_per_row) are clamped to F - 1, i.e. the tail of a row with more than F
     fragments is merged into slot F - 1.
 
     Returns (index [B, T] int64 in [0, F), count [B] int64 the row's true number of fragments,
     overflow [B] bool = count > F). Device ops only.
     """
-    _check_max_documents(max_documents)
+    _check_max_documents_per_row(max_documents_per_row)
     if positions.dim() != 2:
         raise ValueError(f"positions must be [B, T], got shape {tuple(positions.shape)}")
     t = torch.arange(positions.shape[1], device=positions.device)
     starts = (positions == 0) | (t == 0)  # a fragment starts here
     count = starts.sum(dim=1, dtype=torch.int64)
-    index = (torch.cumsum(starts, dim=1, dtype=torch.int64) - 1).clamp(max=max_documents - 1)
-    return index, count, count > max_documents
+    index = (torch.cumsum(starts, dim=1, dtype=torch.int64) - 1).clamp(max=max_documents_per_row - 1)
+    return index, count, count > max_documents_per_row
 
 
-def fragment_sums(values: torch.Tensor, index: torch.Tensor, max_documents: int) -> torch.Tensor:
+def fragment_sums(values: torch.Tensor, index: torch.Tensor, max_documents_per_row: int) -> torch.Tensor:
     """Per-fragment sums [B, F] of values [B, T] (scatter_add; autograd flows to `values`)."""
-    out = torch.zeros(values.shape[0], max_documents, dtype=values.dtype, device=values.device)
+    out = torch.zeros(values.shape[0], max_documents_per_row, dtype=values.dtype, device=values.device)
     return out.scatter_add(1, index, values)
 
 
 @dataclass
 class DocumentLosses:
-    """Per-fragment losses of a batch of packed rows, slots [B, F] (F = max_documents)."""
+    """Per-fragment losses of a batch of packed rows, slots [B, F] (F = max_documents_per_row)."""
 
     losses: torch.Tensor  # [B, F] float32 mean NLL over the fragment's valid tokens; 0 for an empty slot
     n_tokens: torch.Tensor  # [B, F] int64 valid-label count (0: empty slot)
@@ -86,7 +87,7 @@ def document_losses(
     token_nll: torch.Tensor,
     labels: torch.Tensor,
     positions: torch.Tensor,
-    max_documents: int = DEFAULT_MAX_DOCUMENTS,
+    max_documents_per_row: int = DEFAULT_MAX_DOCUMENTS,
 ) -> DocumentLosses:
     """Mean NLL f_d of every document fragment from the per-token NLL [B, T] (titan_rw.loss.per_token_nll).
 
@@ -99,13 +100,13 @@ def document_losses(
             f"token_nll {tuple(token_nll.shape)}, labels {tuple(labels.shape)} and positions "
             f"{tuple(positions.shape)} must all be [B, T]"
         )
-    index, count, overflow = fragment_index(positions, max_documents)
+    index, count, overflow = fragment_index(positions, max_documents_per_row)
     valid = labels != IGNORE_INDEX
     nll = torch.where(valid, token_nll.float(), 0.0)  # select: a NaN on padding must not leak in
-    sums = fragment_sums(nll, index, max_documents)
-    n_tokens = fragment_sums(valid.to(torch.int64), index, max_documents)
+    sums = fragment_sums(nll, index, max_documents_per_row)
+    n_tokens = fragment_sums(valid.to(torch.int64), index, max_documents_per_row)
     losses = sums / n_tokens.clamp(min=1).to(sums.dtype)
-    last = torch.arange(max_documents, device=positions.device) == max_documents - 1
+    last = torch.arange(max_documents_per_row, device=positions.device) == max_documents_per_row - 1
     merged = overflow[:, None] & last[None, :]
     return DocumentLosses(losses=losses, n_tokens=n_tokens, merged=merged, overflow=overflow, count=count)
 
@@ -137,8 +138,8 @@ def document_weights(
     the long losses, w_d = P pi_d e^{s_d/r} / sum_long pi_e e^{s_e/r}. Weights sum to 1 (0 when no
     fragment counts). With `cap = c`: w_d <= c pi_d for every fragment. Detached; no host sync.
     """
-    _check_strategy(strategy)
-    _check_temperature(temperature)
+    check_strategy(strategy)
+    check_temperature(temperature)
     if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 0:
         raise ValueError(f"min_tokens (reweight.min_document_tokens) must be an int >= 0, got {min_tokens!r}")
     if losses.dim() != 1 or n_tokens.shape != losses.shape:

@@ -95,7 +95,7 @@ def read_model_state(ck, flavor: str) -> dict:
     """The model's tensors of a resolved checkpoint, with TorchTitan's canonical keys, on CPU."""
     import torch
 
-    from titan_rw.eval.adapter import _load_consolidated, checkpoint_shapes
+    from titan_rw.eval.adapter import load_consolidated, checkpoint_shapes
     from titan_rw.models import model_spec
 
     cfg, meta = _meta_state_dict(flavor)
@@ -112,7 +112,7 @@ def read_model_state(ck, flavor: str) -> dict:
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(sd, checkpoint_id=str(ck.path), no_dist=True)
     else:
-        stored = _load_consolidated(ck)
+        stored = load_consolidated(ck)
         if any(k.startswith("model.") for k in stored) and "tok_embeddings.weight" not in stored:
             # Hugging Face names (a `last_save_in_hf` checkpoint, or an export): the adapter maps them back
             stored = model_spec(flavor).state_dict_adapter(cfg, None).from_hf(dict(stored))

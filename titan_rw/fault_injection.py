@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -104,5 +104,3 @@ class FaultInjection:
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
-
-KNOBS = tuple(f.name for f in fields(FaultInjection.Config))

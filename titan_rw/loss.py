@@ -7,18 +7,18 @@ rank's share of  sum_i w_i f_i  (Alg. 1 line 8).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.nn.functional as F
 from torch import nn
+from torchtitan.components.loss import IGNORE_INDEX
 
 from titan_rw.documents import DocumentLosses, document_losses, document_weights
 from titan_rw.reweight import sample_weights
 
-IGNORE_INDEX = -100
 # Functional (traceable) all-gather: `all_gather_single` from torch 2.13, its older name before.
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 
@@ -128,13 +128,13 @@ def per_document_loss(
     labels: torch.Tensor,
     positions: torch.Tensor,
     *,
-    max_documents: int,
+    max_documents_per_row: int,
     num_chunks: int = 8,
 ) -> DocumentLosses:
     """Mean token NLL of every document fragment of every row (slots [B, F]), from the same
     per-token NLL as `per_sample_loss` (granularity = "document", titan_rw.documents)."""
     token_nll = per_token_nll(lm_head, hidden, labels, num_chunks=num_chunks)
-    return document_losses(token_nll, labels, positions, max_documents)
+    return document_losses(token_nll, labels, positions, max_documents_per_row)
 
 
 @dataclass
@@ -187,19 +187,38 @@ def gather_group(columns: list[torch.Tensor], group: dist.ProcessGroup | None, d
     return everyone.view(dp_size, c, k, n).permute(1, 2, 0, 3).reshape(c, k * dp_size * n)
 
 
+@dataclass(frozen=True)
+class ReweightSettings:
+    """How one reweighting group's weights are computed and where its samples live: the strategy,
+    cap and short-fragment threshold of `[reweight]`, and the data-parallel group whose ranks hold
+    the group's samples. Built once per run (`of`); the uniform burn-in uses `uniform()`."""
+
+    strategy: str
+    cap: float | None = None
+    min_document_tokens: int = 0  # granularity = "document": shorter fragments keep their token share
+    group: dist.ProcessGroup | None = None  # the data-parallel ("batch") mesh's group; None: one rank
+    dp_rank: int = 0  # this rank's place in `group` (its DP-mesh rank, never LOCAL_RANK)
+    dp_size: int = 1
+
+    @classmethod
+    def of(cls, rw, group: dist.ProcessGroup | None = None, dp_rank: int = 0, dp_size: int = 1) -> "ReweightSettings":
+        """From a `ReweightConfig` (titan_rw.reweight) and the data-parallel group."""
+        return cls(strategy=rw.strategy, cap=rw.cap, min_document_tokens=rw.min_document_tokens,
+                   group=group, dp_rank=dp_rank, dp_size=dp_size)
+
+    def uniform(self) -> "ReweightSettings":
+        """The same group with exactly uniform weights (strategy "uniform", no cap needed)."""
+        return dataclasses.replace(self, strategy="uniform", cap=None)
+
+
 def group_weights(
     local_losses: torch.Tensor,
     local_valid: torch.Tensor,
     temperature: torch.Tensor | float,
+    settings: ReweightSettings,
     *,
-    strategy: str,
-    cap: float | None,
-    group: dist.ProcessGroup | None,
-    dp_rank: int,
-    dp_size: int,
     n_tokens: torch.Tensor | None = None,
     merged: torch.Tensor | None = None,
-    min_document_tokens: int = 0,
 ) -> tuple[torch.Tensor, WeightStats]:
     """The weights of one reweighting group spread over the DP ranks: this rank's [k, n] losses and
     valid masks → (this rank's weights [k, n], the group's WeightStats). pack → gather → Eq. (4)
@@ -208,6 +227,8 @@ def group_weights(
     Document fragments (granularity = "document") also pass their [k, n] token counts and merged
     flags, gathered in the same single collective; their weights are `document_weights`
     (w_d ∝ π_d e^{s_d/r}, short and merged fragments at π_d)."""
+    strategy, cap, group, dp_rank, dp_size = (settings.strategy, settings.cap, settings.group,
+                                              settings.dp_rank, settings.dp_size)
     f = local_losses.detach().float()
     ok = local_valid & torch.isfinite(f)
     k, n = f.shape
@@ -222,7 +243,7 @@ def group_weights(
         ok_all, merged_all = ok_all > 0.5, merged_all > 0.5
         n_all = torch.where(ok_all, n_all, 0.0)  # a non-finite fragment counts nowhere
         w, prior = document_weights(f_all, n_all, strategy, temperature, cap=cap,
-                                    min_tokens=min_document_tokens, merged=merged_all)
+                                    min_tokens=settings.min_document_tokens, merged=merged_all)
         stats = WeightStats.of_documents(f_all, w, ok_all, prior, merged_all)
     mine = w.view(k, dp_size, n)[:, dp_rank]
     stats.rank_weights = mine.reshape(-1)  # for the rows audit (fault.audit_rows)
@@ -238,16 +259,11 @@ def weighted_sum(weights: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
 def reweighted_loss(
     local_losses: torch.Tensor,
     temperature: torch.Tensor | float,
+    settings: ReweightSettings,
     *,
-    strategy: str,
-    cap: float | None,
-    group: dist.ProcessGroup | None,
-    dp_rank: int,
-    dp_size: int,
     valid: torch.Tensor | None = None,
     n_tokens: torch.Tensor | None = None,
     merged: torch.Tensor | None = None,
-    min_document_tokens: int = 0,
 ) -> tuple[torch.Tensor, WeightStats]:
     """This rank's share of  sum_i w_i f_i  over the whole data-parallel group (one micro-batch).
 
@@ -256,8 +272,6 @@ def reweighted_loss(
     Document fragments: also their token counts and merged flags (see `group_weights`).
     """
     valid = torch.ones_like(local_losses, dtype=torch.bool) if valid is None else valid
-    docs = {} if n_tokens is None else {"n_tokens": n_tokens[None], "merged": merged[None],
-                                        "min_document_tokens": min_document_tokens}
-    w, stats = group_weights(local_losses[None], valid[None], temperature, strategy=strategy, cap=cap,
-                             group=group, dp_rank=dp_rank, dp_size=dp_size, **docs)
+    docs = {} if n_tokens is None else {"n_tokens": n_tokens[None], "merged": merged[None]}
+    w, stats = group_weights(local_losses[None], valid[None], temperature, settings, **docs)
     return weighted_sum(w[0], local_losses), stats

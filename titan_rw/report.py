@@ -23,6 +23,7 @@ import argparse
 import math
 import os
 import sys
+import textwrap
 from collections import Counter
 
 from titan_rw.observability import finite, read_metrics, read_samples
@@ -87,6 +88,7 @@ def _plt():
 
 
 DPI = 300  # publication resolution for the PNGs; each figure is also written as a vector PDF
+TITLE_CHARS = 60  # characters per title line of a 5.5-inch panel at font size 10
 
 
 def _save(fig, path: str) -> str:
@@ -134,8 +136,9 @@ def fig6(runs: list[Run], path: str) -> str:
             ax.axvline(bound, color="#C44E52", linestyle="--", linewidth=2, label=f"2/b = {bound:.4g}")
         ax.set_xlabel("maximum weight in the step")
         ax.set_ylabel("steps")
-        ax.set_title(f"{run.label}: max weight per step ({len(mw)} steps"
-                     + (f", warm-up steps 1-{warm} excluded)" if warm else ")"), fontsize=10)
+        # the run's name on its own line(s), wrapped to the panel: a one-line title ran off the figure
+        what = f"max weight per step ({len(mw)} steps" + (f", warm-up steps 1-{warm} excluded)" if warm else ")")
+        ax.set_title("\n".join([*textwrap.wrap(run.label + ":", TITLE_CHARS), what]), fontsize=10)
         ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -151,7 +154,7 @@ def max_weight_steps(runs: list[Run], path: str) -> str:
             ax.axhline(1.0, color="gray", linestyle=":", linewidth=1, label="1 (uniform)")
             ax.set_xlabel("step")
             ax.set_ylabel("max weight / token share")
-            ax.set_title(run.label, fontsize=10)
+            ax.set_title(textwrap.fill(run.label, TITLE_CHARS), fontsize=10)
             ax.legend(fontsize=8)
             continue
         xs, mw = run.col("max_weight")
@@ -164,7 +167,7 @@ def max_weight_steps(runs: list[Run], path: str) -> str:
             ax.plot(ux, [1.0 / b for b in us], color="gray", linestyle=":", linewidth=1, label="1/b (uniform)")
         ax.set_xlabel("step")
         ax.set_ylabel("weight")
-        ax.set_title(run.label, fontsize=10)
+        ax.set_title(textwrap.fill(run.label, TITLE_CHARS), fontsize=10)
         ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -206,7 +209,7 @@ def domain_weights(runs: list[Run], path: str) -> str | None:
         ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)
         ax.set_xlabel("step")
         ax.set_ylabel("mean b·w of the domain's samples (1 = uniform)")
-        ax.set_title(f"{run.label}: weight per domain", fontsize=10)
+        ax.set_title(textwrap.fill(f"{run.label}: weight per domain", TITLE_CHARS), fontsize=10)
         ax.legend(fontsize=8)
     return _save(fig, path)
 

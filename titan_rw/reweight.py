@@ -30,7 +30,7 @@ import torch
 STRATEGIES = ("uniform", "linupper", "upper", "quadratic", "extremes", "dro_kl")
 ANNEALS = ("constant", "linear", "cosine")
 # What the first `warmup_steps` steps do (docs/design.md §2): "temperature" trains them at
-# r = warmup_value (Appendix A.2, fms-fsdp's warm-up), "uniform" with exactly uniform weights (the
+# r = warmup_temperature (Appendix A.2, fms-fsdp's warm-up), "uniform" with exactly uniform weights (the
 # GPT-2 reference code's burn-in: the plain loss), then the strategy.
 WARMUP_MODES = ("temperature", "uniform")
 
@@ -49,7 +49,8 @@ def max_weight_ratio(weights: torch.Tensor, prior: torch.Tensor, valid: torch.Te
     """max_i w_i / pi_i over the valid samples with pi_i > 0: how many times its uniform weight the
     most up-weighted sample gets. pi is normalized here over those samples. Its bound is c = 2
     (Theorem 1's w_i <= 2/b is the case pi = 1/b, where the ratio is b * max w); 0 if none count.
-    A device scalar, no host sync."""
+    A device scalar, no host sync. Not the logged `max_weight_ratio` (metrics.jsonl): that one is
+    computed by titan_rw.loss.WeightStats.of_documents from the group's own prior."""
     p = prior.detach().float()
     ok = torch.isfinite(p) & (p > 0)
     if valid is not None:
@@ -60,14 +61,14 @@ def max_weight_ratio(weights: torch.Tensor, prior: torch.Tensor, valid: torch.Te
     return ratio.amax() if ratio.numel() else ratio.sum()
 
 
-def _check_strategy(strategy: str) -> None:
+def check_strategy(strategy: str) -> None:
     if strategy not in STRATEGIES:
         raise ValueError(
             f"unknown reweighting strategy {strategy!r}; valid strategies: {', '.join(STRATEGIES)}"
         )
 
 
-def _check_temperature(temperature) -> None:
+def check_temperature(temperature) -> None:
     if isinstance(temperature, torch.Tensor):
         return  # a device tensor: checked by the schedule that produced it (no host sync here)
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
@@ -195,8 +196,8 @@ def sample_weights(
     for dro_kl), so `uniform` gives w = pi, and `cap` bounds w_i <= cap * pi_i. A sample with
     pi_i = 0 (or non-finite) counts as invalid. prior=None is the row formula (pi = 1/b), unchanged.
     """
-    _check_strategy(strategy)
-    _check_temperature(temperature)
+    check_strategy(strategy)
+    check_temperature(temperature)
     if cap is not None and not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap >= 1):
         raise ValueError(f"cap must be a number >= 1 (max weight = cap / b), got {cap!r}")
     if losses.dim() != 1:
@@ -250,23 +251,23 @@ def sample_weights(
 class TemperatureSchedule:
     """Appendix A.2: the first `warmup_steps` steps are a warm-up, then the target r.
 
-    `warmup_mode="temperature"` (default): r = warmup_value during the warm-up (near-uniform weights,
+    `warmup_mode="temperature"` (default): r = warmup_temperature during the warm-up (near-uniform weights,
     fms-fsdp's warm-up). `"uniform"`: a burn-in, weights exactly uniform (1/b; the token shares at
     document granularity), as in the GPT-2 reference code; no r applies, so `__call__` is None there.
     After the warm-up, `anneal="constant"` jumps to the target; `"linear"`/`"cosine"` go from
-    warmup_value to target over `anneal_steps`. Steps count from 1 like TorchTitan's: steps
+    warmup_temperature to target over `anneal_steps`. Steps count from 1 like TorchTitan's: steps
     1..warmup_steps are the warm-up. A pure function of the step (checkpointed: the last step asked).
     """
 
     target: float = 1.0
-    warmup_value: float = 100.0
+    warmup_temperature: float = 100.0
     warmup_steps: int = 0
     anneal: str = "constant"
     anneal_steps: int = 0
     warmup_mode: str = "temperature"
 
     def __post_init__(self):
-        for name in ("target", "warmup_value"):
+        for name in ("target", "warmup_temperature"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"temperature {name} must be a finite number > 0, got {v!r}")
@@ -285,8 +286,8 @@ class TemperatureSchedule:
         return self.warmup_mode == "uniform" and step <= self.warmup_steps
 
     def phase(self, step: int) -> str:
-        """What step `step` does: "burn-in" (uniform weights), "warm-up" (r = warmup_value),
-        "anneal" (r between warmup_value and target) or "target"."""
+        """What step `step` does: "burn-in" (uniform weights), "warm-up" (r = warmup_temperature),
+        "anneal" (r between warmup_temperature and target) or "target"."""
         t = step - self.warmup_steps
         if t <= 0:
             return "burn-in" if self.warmup_mode == "uniform" else "warm-up"
@@ -297,19 +298,19 @@ class TemperatureSchedule:
         self.last_step = step
         t = step - self.warmup_steps  # steps past the warm-up
         if t <= 0:
-            return None if self.warmup_mode == "uniform" else float(self.warmup_value)
+            return None if self.warmup_mode == "uniform" else float(self.warmup_temperature)
         if self.anneal == "constant" or t >= self.anneal_steps:
             return float(self.target)
         frac = t / self.anneal_steps
         if self.anneal == "cosine":
             frac = 0.5 * (1.0 - math.cos(math.pi * frac))
-        return float(self.warmup_value + (self.target - self.warmup_value) * frac)
+        return float(self.warmup_temperature + (self.target - self.warmup_temperature) * frac)
 
     def state_dict(self) -> dict:
         return {
             "last_step": self.last_step,
             "target": self.target,
-            "warmup_value": self.warmup_value,
+            "warmup_temperature": self.warmup_temperature,
             "warmup_steps": self.warmup_steps,
             "anneal": self.anneal,
             "anneal_steps": self.anneal_steps,
@@ -380,7 +381,7 @@ class ReweightConfig:
     into the last slot (kept at its token share; counted as `overflow_rows` in metrics.jsonl)."""
 
     def validate(self) -> None:
-        _check_strategy(self.strategy)
+        check_strategy(self.strategy)
         if self.granularity not in ("row", "document"):
             raise ValueError(f"reweight.granularity must be 'row' or 'document', got {self.granularity!r}")
         if self.min_document_tokens < 0:
@@ -409,7 +410,7 @@ class ReweightConfig:
     def schedule(self) -> TemperatureSchedule:
         return TemperatureSchedule(
             target=self.temperature,
-            warmup_value=self.warmup_temperature,
+            warmup_temperature=self.warmup_temperature,
             warmup_steps=self.warmup_steps,
             anneal=self.anneal,
             anneal_steps=self.anneal_steps,

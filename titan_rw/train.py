@@ -57,10 +57,10 @@ def keys_text(section: str = "") -> str:
         raise cfgmod.ConfigError(f"--keys: unknown section [{section}]; valid sections: {', '.join(cfgmod.SECTIONS)}")
     lines = []
     for name in [section] if section else list(cfgmod.SECTIONS):
-        sec = cfgmod._section({}, name)
+        sec = cfgmod.build_section({}, name)
         lines.append(f"[{name}]")
         for key, tp in cfgmod.section_fields(name).items():
-            lines.append(f"  {key} = {getattr(sec, key)!r}    ({cfgmod._type_name(tp)})")
+            lines.append(f"  {key} = {getattr(sec, key)!r}    ({cfgmod.type_name(tp)})")
     return "\n".join(lines)
 
 

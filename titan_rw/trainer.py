@@ -57,9 +57,10 @@ from titan_rw import compat
 from titan_rw.checkpointing import json_tensor, load_plain, rng_state, set_rng_state
 from titan_rw.eval.periodic import PeriodicEvalConfig
 from titan_rw.fault_injection import FaultInjection
+from titan_rw.faults import NonFiniteSkipOptimizers, RowAudit, StopGuard
 from titan_rw.float8 import check_model as check_float8_model
-from titan_rw.faults import EXIT_TOO_MANY_SKIPS, NonFiniteSkipOptimizers, RowAudit, StopGuard, TrainingStopped  # noqa: F401
-from titan_rw.loss import IGNORE_INDEX, group_weights, per_document_loss, per_sample_loss, reweighted_loss, weighted_sum
+from titan_rw.loss import (IGNORE_INDEX, ReweightSettings, group_weights, per_document_loss, per_sample_loss,
+                           reweighted_loss, weighted_sum)
 from titan_rw.models import FLAVORS, describe, portable_init
 from titan_rw.observability import FaultCounters, GroupLayout, RunLogger, StepRecord, tb_writer_of
 from titan_rw.reweight import ReweightConfig
@@ -146,7 +147,8 @@ class ReweightTrainer(Trainer):
         else:
             self.dp_group, self.dp_rank, self.dp_size = None, 0, 1
         self.group_b = config.training.local_batch_size * self.dp_size  # rows per group
-        self.slots = rw.max_documents_per_row if rw.granularity == "document" else 1  # samples per row
+        # samples per row: reweight.max_documents_per_row fragment slots (granularity = "document"), else 1
+        self.max_documents_per_row = rw.max_documents_per_row if rw.granularity == "document" else 1
         self.tokens_per_step = self.gradient_accumulation_steps * self.group_b * config.training.seq_len
 
         model = self.model_parts[0]
@@ -162,7 +164,9 @@ class ReweightTrainer(Trainer):
 
         self._groups: list[Any] = []  # WeightStats of the current step's groups
         self._temperature_value: float | None = None  # host copy of self._temperature_t
-        self._strategy, self._cap = rw.strategy, rw.cap  # this step's (uniform, None in a burn-in)
+        self._reweighting = ReweightSettings.of(rw, self.dp_group, self.dp_rank, self.dp_size)
+        self._burn_in_settings = self._reweighting.uniform()  # warmup_mode = "uniform": exactly uniform weights
+        self._settings = self._reweighting  # this step's
         if self.rank == 0:
             os.makedirs(config.dump_folder, exist_ok=True)
         mp = self.metrics_processor
@@ -171,8 +175,8 @@ class ReweightTrainer(Trainer):
             rank=self.rank,
             writer=tb_writer_of(mp),
             tensorboard=config.metrics.enable_tensorboard,
-            layout=GroupLayout(self.gradient_accumulation_steps, config.training.local_batch_size * self.slots,
-                               self.dp_rank, self.dp_size, fragments_per_row=self.slots),
+            layout=GroupLayout(self.gradient_accumulation_steps, config.training.local_batch_size * self.max_documents_per_row,
+                               self.dp_rank, self.dp_size, fragments_per_row=self.max_documents_per_row),
             static={"strategy": rw.strategy},
             total_steps=config.training.steps,
             num_flops_per_token=mp.num_flops_per_token,
@@ -200,14 +204,14 @@ class ReweightTrainer(Trainer):
                else f"(warm-up r={rw.warmup_temperature} for {rw.warmup_steps} steps, {rw.anneal}) ")
             + f"cap={rw.cap} "
             f"scope={rw.scope} b={self.group_b if rw.scope == 'microbatch' else self.group_b * self.gradient_accumulation_steps} "
-            + (f"rows, granularity=document (≤ {self.slots} fragments per row, < {rw.min_document_tokens} tokens "
-               f"kept at their token share) " if self.slots > 1 else "") +
+            + (f"rows, granularity=document (≤ {self.max_documents_per_row} fragments per row, < {rw.min_document_tokens} tokens "
+               f"kept at their token share) " if self.max_documents_per_row > 1 else "") +
             f"dp={self.dp_size} accumulation={self.gradient_accumulation_steps}"
         )
 
     # ------------------------------------------------------------------ the step's body
     def _per_sample(self, inputs, labels, extra_kwargs, mb_index: int = 0):
-        """(f [n], valid [n], document extras {} or {n_tokens, merged, min_document_tokens}): a sample
+        """(f [n], valid [n], document extras {} or {n_tokens, merged}): a sample
         is a row, or (granularity = "document") a document fragment, n = rows × max_documents_per_row."""
         self.injector.before_forward(mb_index)
         hidden = self.model_parts[0](inputs, **extra_kwargs)
@@ -216,10 +220,9 @@ class ReweightTrainer(Trainer):
             losses, n_valid = per_sample_loss(self.lm_head, hidden, labels, num_chunks=rw.loss_chunks)
             return losses, n_valid > 0, {}
         d = per_document_loss(self.lm_head, hidden, labels, self._positions(inputs, extra_kwargs),
-                              max_documents=rw.max_documents_per_row, num_chunks=rw.loss_chunks)
+                              max_documents_per_row=rw.max_documents_per_row, num_chunks=rw.loss_chunks)
         n_tokens = d.n_tokens.reshape(-1)
-        return d.losses.reshape(-1), n_tokens > 0, {"n_tokens": n_tokens, "merged": d.merged.reshape(-1),
-                                                    "min_document_tokens": rw.min_document_tokens}
+        return d.losses.reshape(-1), n_tokens > 0, {"n_tokens": n_tokens, "merged": d.merged.reshape(-1)}
 
     @staticmethod
     def _positions(inputs, extra_kwargs) -> torch.Tensor:
@@ -242,9 +245,7 @@ class ReweightTrainer(Trainer):
             self._fb_calls += 1
             if self._fixed_weights is None:  # microbatch scope: this micro-batch is the group
                 loss, stats = self._weighted(  # Alg. 1 lines 4-8: gather, Eq. (4), Σ_local w_i f_i
-                    losses, self._temperature_t, strategy=self._strategy, cap=self._cap,
-                    group=self.dp_group, dp_rank=self.dp_rank, dp_size=self.dp_size, valid=valid, **docs,
-                )
+                    losses, self._temperature_t, self._settings, valid=valid, **docs)
                 self._groups.append(stats)
                 loss = loss / k
             else:  # global_batch scope: weights fixed by the pre-pass
@@ -268,11 +269,8 @@ class ReweightTrainer(Trainer):
             docs.append(d)
         self.ntokens_seen -= sum(lbl.numel() for _, lbl in microbatches)  # counted again in the grad pass
         extra = {} if not docs[0] else {"n_tokens": torch.stack([d["n_tokens"] for d in docs]),
-                                        "merged": torch.stack([d["merged"] for d in docs]),
-                                        "min_document_tokens": self.rw.min_document_tokens}
-        w, stats = group_weights(torch.stack(losses), torch.stack(valid), self._temperature_t,
-                                 strategy=self._strategy, cap=self._cap, group=self.dp_group,
-                                 dp_rank=self.dp_rank, dp_size=self.dp_size, **extra)
+                                        "merged": torch.stack([d["merged"] for d in docs])}
+        w, stats = group_weights(torch.stack(losses), torch.stack(valid), self._temperature_t, self._settings, **extra)
         self._fixed_weights = list(w)
         self._mb_index = 0
         self._groups.append(stats)
@@ -293,8 +291,7 @@ class ReweightTrainer(Trainer):
         # decision from the step number, no device read.
         temperature = self.temperature_schedule(self.step)
         burn_in = temperature is None
-        self._strategy = "uniform" if burn_in else self.rw.strategy
-        self._cap = None if burn_in else self.rw.cap
+        self._settings = self._burn_in_settings if burn_in else self._reweighting
         if not burn_in:
             self._set_temperature(temperature)
         elif self._temperature_value is None:  # unused by "uniform", but the call takes a device scalar

@@ -45,6 +45,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torchtitan.components.dataloader import BaseDataLoader
+from torchtitan.components.loss import IGNORE_INDEX  # the labels' padding value
 
 from titan_rw.data.parquet import DataError
 from titan_rw.data.shards import TokenSource, find_shards, open_shard_source
@@ -52,7 +53,6 @@ from titan_rw.data.streaming import open_parquet_source
 
 logger = logging.getLogger("titan_rw.data")
 
-IGNORE_INDEX = -100
 STATE_KEY = "titan_rw_token_stream"
 STATE_VERSION = 1
 MIX_BLOCK = 4096
@@ -321,7 +321,7 @@ class TokenDataLoader(BaseDataLoader):
         parquet dataset has rows and not every text is null (footer statistics), and the shards'
         metadata names the run's tokenizer (`config.tokenizer_path`, else `tokenizer_path`: the
         trainer's). DataError naming the path."""
-        from titan_rw.data.parquet import _is_remote, check_columns, expand_parquet_paths, null_text_rows, open_parquet
+        from titan_rw.data.parquet import is_remote, check_columns, expand_parquet_paths, null_text_rows, open_parquet
         from titan_rw.data.shards import check_shard_tokenizer, read_metadata
 
         tokenizer = None
@@ -340,7 +340,7 @@ class TokenDataLoader(BaseDataLoader):
                         check_shard_tokenizer(ds, read_metadata(ds), tokenizer)
                 continue
             files = expand_parquet_paths(path)
-            local = [f for f in files if not _is_remote(f)]
+            local = [f for f in files if not is_remote(f)]
             rows, nulls = 0, 0
             for f in local:
                 pf = open_parquet(f)

@@ -48,7 +48,7 @@ class ReadStats:
         return self.empty + self.invalid_utf8
 
 
-def _is_remote(spec: str) -> bool:
+def is_remote(spec: str) -> bool:
     return "://" in spec and not spec.startswith("file://")
 
 
@@ -61,7 +61,7 @@ def expand_parquet_paths(spec: str | os.PathLike | list) -> list[str]:
             out.extend(expand_parquet_paths(s))
         return out
     spec = os.fspath(spec)
-    if _is_remote(spec):
+    if is_remote(spec):
         import fsspec
 
         fs, root = fsspec.core.url_to_fs(spec)
@@ -100,7 +100,7 @@ def open_parquet(path: str) -> pq.ParquetFile:
     import pyarrow.parquet as pq
 
     try:
-        if _is_remote(path):
+        if is_remote(path):
             import fsspec
 
             f = fsspec.open(path, "rb").open()

@@ -246,10 +246,10 @@ def open_shard_source(spec: str, tokenizer=None, *, check_tokenizer: bool = True
     if not files:
         raise DataError(f"{spec}: no .ds token shards found (empty dataset)")
     parts = [open_shard(f, tokenizer, check_tokenizer=check_tokenizer) for f in files]
-    return TokenSource(name or _dataset_name(spec), parts)
+    return TokenSource(name or dataset_name(spec), parts)
 
 
-def _dataset_name(spec: str) -> str:
+def dataset_name(spec: str) -> str:
     s = spec.rstrip("/")
     base = os.path.basename(s)
     if any(c in base for c in "*?["):

@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 
-from titan_rw.data.parquet import MAX_SKIPPED_EXAMPLES, DataError, ReadStats, expand_parquet_paths, iter_parquet_documents
 from titan_rw.data import token_cache
-from titan_rw.data.shards import Part, TokenSource, _dataset_name
+from titan_rw.data.parquet import MAX_SKIPPED_EXAMPLES, DataError, ReadStats, expand_parquet_paths, iter_parquet_documents
+from titan_rw.data.shards import Part, TokenSource, dataset_name
 
 logger = logging.getLogger("titan_rw.data")
 
@@ -135,7 +135,7 @@ def _open_parquet_source(files, spec, tokenizer, *, add_bos, add_eos, text_key, 
             spec, stats.skipped, stats.empty, stats.invalid_utf8, stats.skipped_examples[:3],
         )
     try:
-        src = TokenSource(name or _dataset_name(str(spec)), parts)
+        src = TokenSource(name or dataset_name(str(spec)), parts)
     except DataError as e:  # name the dataset's full path and its files
         shown = ", ".join(os.path.abspath(f) if "://" not in f else f for f in files[:3]) + (", ..." if len(files) > 3 else "")
         full = str(spec) if "://" in str(spec) else os.path.abspath(str(spec))

@@ -139,7 +139,7 @@ def checkpoint_shapes(ck: ResolvedCheckpoint) -> dict[str, tuple[int, ...]]:
 
         md = FileSystemReader(str(ck.path)).read_metadata()
         return {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if hasattr(v, "size")}
-    sd = _load_consolidated(ck)
+    sd = load_consolidated(ck)
     return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
@@ -158,7 +158,7 @@ def infer_flavor(shapes: dict[str, tuple[int, ...]]) -> str | None:
     return None
 
 
-def _load_consolidated(ck: ResolvedCheckpoint) -> dict[str, torch.Tensor]:
+def load_consolidated(ck: ResolvedCheckpoint) -> dict[str, torch.Tensor]:
     if ck.kind == "safetensors":
         try:
             from safetensors.torch import load_file
@@ -209,7 +209,7 @@ def load_weights(model: torch.nn.Module, ck: ResolvedCheckpoint) -> None:
             dcp.load(sd, checkpoint_id=str(ck.path), no_dist=True)
         wrapper.load_state_dict(sd)
     else:
-        stored = _load_consolidated(ck)
+        stored = load_consolidated(ck)
         missing = sorted(k for k in sd if k not in stored)
         if missing:
             raise CheckpointError(f"{ck.path}: checkpoint lacks model tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")

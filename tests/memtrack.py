@@ -1,4 +1,5 @@
-"""Peak bytes of live CPU tensor storage, counted at the dispatcher (tests and benchmarks).
+"""Peak bytes of live CPU tensor storage, counted at the dispatcher (tests/test_loss.py and
+benchmarks/bench_step.py; not part of the package).
 
 On CUDA use `torch.cuda.max_memory_allocated`; this is for the CPU, which has no allocator stats.
 
