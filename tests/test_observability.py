@@ -27,14 +27,13 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 
-from obs_helpers import corpus_ids
+from obs_helpers import corpus_ids, event_dirs
 from titan_rw.loss import reweighted_loss
 from titan_rw.observability import (
     HIST_TAGS,
     GroupLayout,
     SCALAR_TAGS,
     RunLogger,
-    event_dirs,
     read_metrics,
     read_samples,
     tb_writer_of,
@@ -343,7 +342,7 @@ def test_record_never_reads_the_device_and_flush_reads_once(tmp_path, monkeypatc
             return real_cpu(self, *a, **k)
 
         m.setattr(torch.Tensor, "cpu", counting_cpu)
-        rows = rl.flush(4)
+        rows = rl.flush()
     assert calls["cpu"] == 1  # the whole interval in one transfer
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["temperature"] == pytest.approx(0.7) and r["grad_norm"] == 1.5 for r in rows)
@@ -358,7 +357,7 @@ def test_bound_violations_counted_and_cap_removes_them(tmp_path):
     for step in (1, 2):
         rl.record(step, _stats(f), temperature=1.0)
     rl.record(3, _stats(f, cap=2.0), temperature=1.0)
-    rows = rl.flush(3)
+    rows = rl.flush()
     rl.close()
     e = math.e
     assert rows[0]["max_weight"] == pytest.approx(e / (e + 127), rel=1e-5)
@@ -374,7 +373,7 @@ def test_several_groups_per_step_and_invalid_samples(tmp_path):
     g2 = _stats([1.0, 1.0, 9.0, float("nan")])  # one invalid sample: b = 3 in that group
     rl = RunLogger.Config(log_interval=1).build(str(tmp_path), 0)
     rl.record(1, [g1, g2], temperature=1.0)
-    (row,) = rl.flush(1)
+    (row,) = rl.flush()
     rl.close()
     assert row["max_weight"] == pytest.approx(max(float(g1.max_weight), float(g2.max_weight)))
     assert row["loss"] == pytest.approx((2.5 + 11 / 3) / 2, rel=1e-6)
@@ -400,7 +399,7 @@ def test_bound_is_checked_per_group(tmp_path):
     rl = RunLogger.Config(log_interval=1).build(str(tmp_path), 0)
     rl.record(1, [a, b], temperature=1.0)
     rl.record(2, [b, b], temperature=1.0)
-    r1, r2 = rl.flush(2)
+    r1, r2 = rl.flush()
     rl.close()
     assert r1["bound_violations"] == 1 and r1["bound_ratio"] == pytest.approx(wa * 8 / 2, rel=1e-6)
     assert r1["max_weight"] == pytest.approx(wb) and r1["b"] == 3 and r1["max_weight_bound"] == pytest.approx(2 / 3)
@@ -415,7 +414,7 @@ def test_domain_weights_and_samples_use_each_groups_b(tmp_path):
     prov = [[{"domain": "ab"[i % 2], "doc_id": f"d{i}", "n_tokens": 8 + 8 * (i % 2)}] for i in range(8)]
     rl = RunLogger.Config(log_interval=1, samples_interval=1, top_k=2).build(str(tmp_path), 0)
     rl.record(1, groups, temperature=1.0, provenance=prov)
-    (row,) = rl.flush(1)
+    (row,) = rl.flush()
     rl.close()
     for dom in ("a", "b"):
         assert row["domains"][dom]["mean_weight"] == pytest.approx(1.0, rel=1e-6)
@@ -427,7 +426,7 @@ def test_domain_weights_and_samples_use_each_groups_b(tmp_path):
 def test_other_ranks_write_nothing(tmp_path):
     rl = RunLogger.Config().build(str(tmp_path / "r1"), rank=1)
     rl.record(1, _stats([1.0, 2.0]), temperature=1.0)
-    assert rl.flush(1) == [] and not rl.should_flush(1)
+    assert rl.flush() == [] and not rl.enabled
     rl.close()
     assert not (tmp_path / "r1").exists()
 

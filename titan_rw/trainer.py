@@ -60,7 +60,7 @@ from titan_rw.fault_injection import FaultInjection
 from titan_rw.faults import EXIT_TOO_MANY_SKIPS, NonFiniteSkipOptimizers, RowAudit, StopGuard, TrainingStopped  # noqa: F401
 from titan_rw.loss import IGNORE_INDEX, group_weights, per_document_loss, per_sample_loss, reweighted_loss, weighted_sum
 from titan_rw.models import FLAVORS, describe, portable_init
-from titan_rw.observability import FaultCounters, GroupLayout, RunLogger, StepRecord, tb_writer_of
+from titan_rw.observability import FaultCounters, RunLogger, StepRecord, require_wandb
 from titan_rw.reweight import ReweightConfig
 
 # Parallelisms the reweighted step cannot run under, and why (checked by the trainer itself, before
@@ -131,6 +131,7 @@ class ReweightTrainer(Trainer):
         for section in (config.reweight, config.logging, config.fault, config.periodic_eval):
             section.validate()
         _check_parallelism(config.parallelism)
+        require_wandb(config.metrics.enable_wandb)
         _no_cuda_graph_capture(config.training)
         config.optimizer = _skipping_optimizer(config.optimizer)
         super().__init__(config)
@@ -163,21 +164,7 @@ class ReweightTrainer(Trainer):
         self._strategy, self._cap = rw.strategy, rw.cap  # this step's (uniform, None in a burn-in)
         if self.rank == 0:
             os.makedirs(config.dump_folder, exist_ok=True)
-        mp = self.metrics_processor
-        self.run_logger = config.logging.build(
-            config.dump_folder,
-            rank=self.rank,
-            writer=tb_writer_of(mp),
-            tensorboard=config.metrics.enable_tensorboard,
-            layout=GroupLayout(self.gradient_accumulation_steps, config.training.local_batch_size * self.slots,
-                               self.dp_rank, self.dp_size, fragments_per_row=self.slots),
-            static={"strategy": rw.strategy},
-            total_steps=config.training.steps,
-            num_flops_per_token=mp.num_flops_per_token,
-            peak_flops=getattr(mp, "gpu_peak_flops", None) if self.device.type == "cuda" else None,  # no MFU on CPU
-            decode=getattr(self.tokenizer, "decode", None),
-        )
-        self.metrics_path = self.run_logger.metrics_path
+        self.run_logger = config.logging.build_for(self)
         # provenance of rank 0's rows (only rank 0 writes metrics / samples)
         self._want_provenance = self.rank == 0 and hasattr(self.dataloader, "last_provenance")
         self.stop_guard = config.fault.build(rank=self.rank, world_size=self.world_size, device=self.device)
@@ -344,7 +331,6 @@ class ReweightTrainer(Trainer):
         if scores and self.rank == 0:
             logger.info(f"step {self.step} eval: " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(scores.items())))
         o = self.optimizers
-        self.last_weight_stats = self._groups  # for observability hooks and tests (device tensors)
         self.run_logger.record_step(StepRecord(
             step=self.step, groups=self._groups, temperature=temperature, lr=lr, grad_norm=grad_norm,
             phase=self.temperature_schedule.phase(self.step),
@@ -353,12 +339,6 @@ class ReweightTrainer(Trainer):
             provenance=provenance if self._want_provenance else None, inputs=sample_inputs,
         ))
         if self.audit is not None and self.run_logger.is_log_step(self.step):
-            self.audit.flush()
-
-    def _before_checkpoint(self, step: int) -> None:
-        """Every step the checkpoint covers has its metrics row (rank 0) and audit lines on disk."""
-        self.run_logger.before_checkpoint(step)
-        if self.audit is not None:
             self.audit.flush()
 
     # ------------------------------------------------------------------ the loop
@@ -430,10 +410,12 @@ class ReweightTrainer(Trainer):
         logger.info("Training completed")
 
     def _before_checkpoint(self, step: int) -> None:
-        """The checkpointer's `before_save`: the covered steps' metrics rows on disk, then every rank
-        agrees that they are; if rank 0 could not write them (a full disk), the run stops without
-        this checkpoint (exit 1, docs/resuming.md "Torn lines, full disk")."""
+        """The checkpointer's `before_save`: the covered steps' metrics rows (rank 0) and audit lines
+        on disk, then every rank agrees that they are; if rank 0 could not write them (a full disk),
+        the run stops without this checkpoint (exit 1, docs/resuming.md "Torn lines, full disk")."""
         self.run_logger.before_checkpoint(step)
+        if self.audit is not None:
+            self.audit.flush()
         self.stop_guard.check_before_save(step, self.run_logger.failure)
 
     # ------------------------------------------------------------------ state
@@ -444,7 +426,6 @@ class ReweightTrainer(Trainer):
         (rank 0's: TorchTitan seeds every DP rank alike) and the run config (the resume check)."""
         sd = Trainer.state_dict(self)
         extra = {
-            "version": 2,
             "temperature_last_step": self.temperature_schedule.last_step,
             "run_logger": self.run_logger.state_dict(),
             **self.optimizers.skip_state(),
