@@ -53,7 +53,7 @@ from titan_rw.checkpointing import ResumableCheckpointManager
 from titan_rw.eval.periodic import PeriodicEvalConfig
 from titan_rw.fault_injection import FaultInjection
 from titan_rw.faults import NonFiniteSkipOptimizers, StopGuard
-from titan_rw.observability import RunLogger
+from titan_rw.observability import RunLogger, require_wandb
 from titan_rw.reweight import STRATEGIES, ReweightConfig
 from titan_rw.runlock import RunLock
 from titan_rw.trainer import ReweightTrainer
@@ -461,9 +461,13 @@ def preflight(cfg) -> None:
     """Checks before the model is built: the run folder and the checkpoint folder can be written
     (a file in their place, a read-only mount), and cheap checks of the data a
     `ReweightTrainer.Config` names (paths, parquet footers and columns, texts not all null, shards
-    found and made with the run's tokenizer).
+    found and made with the run's tokenizer), and the wandb package if `metrics.enable_wandb`.
     ConfigError naming the key and the path; nothing is created."""
     _check_writable(cfg.dump_folder, "job.dump_folder")
+    try:
+        require_wandb(cfg.metrics.enable_wandb)
+    except ImportError as e:
+        raise ConfigError(str(e)) from None
     ck = cfg.checkpoint
     if ck.enable and not ck.load_only:
         _check_writable(os.path.join(cfg.dump_folder, ck.folder), "checkpoint.folder")

@@ -328,8 +328,6 @@ class ReweightTrainer(Trainer):
 
         pe = self.config.periodic_eval
         scores = pe.scores(self.step, self.model_parts[0], self.tokenizer, max_length=self.config.training.seq_len)
-        if scores and self.rank == 0:
-            logger.info(f"step {self.step} eval: " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(scores.items())))
         o = self.optimizers
         self.run_logger.record_step(StepRecord(
             step=self.step, groups=self._groups, temperature=temperature, lr=lr, grad_norm=grad_norm,
@@ -453,14 +451,8 @@ class ReweightTrainer(Trainer):
         self.run_logger.resumed_at(self.step)
 
     def close(self) -> None:
-        write_failed = False
-        if self.run_logger is not None:  # idempotent: None once closed
-            try:
-                self.run_logger.close()  # flushes what is pending
-            except Exception as e:  # noqa: BLE001  closing must not mask the original error
-                logger.warning(f"titan_rw: could not flush the last metrics: {e}")
-            write_failed = self.run_logger.failure is not None
-            self.run_logger = None
+        write_failed = self.run_logger is not None and not self.run_logger.finish()  # idempotent
+        self.run_logger = None
         for part in ("audit", "stop_guard"):
             if getattr(self, part) is not None:
                 getattr(self, part).close()

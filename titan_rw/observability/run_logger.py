@@ -239,6 +239,8 @@ class RunLogger:
         if rec.faults is not None:
             extra.update(rec.faults.as_metrics())
         extra.update(rec.scores)  # eval/<task>/<metric>: host floats, on eval steps only
+        if rec.scores and self.enabled:
+            console.eval_scores(rec.step, rec.scores)
         prov = None if rec.provenance is None else self.layout.per_sample(rec.provenance)
         self.record(rec.step, rec.groups, temperature=rec.temperature, provenance=prov,
                     provenance_index=self.layout.provenance_index(len(prov)) if prov is not None else None,
@@ -309,6 +311,15 @@ class RunLogger:
             self._jsonl.sync()
         except OSError as err:
             self._fail(err, None)
+
+    def finish(self) -> bool:
+        """The trainer's close: `close`, an error in it only a warning (it must not mask the error
+        that ended the run); False when a write failed (the run said so in one line already)."""
+        try:
+            self.close()
+        except Exception as e:  # noqa: BLE001  closing must not mask the original error
+            console.log.warning(f"titan_rw: could not flush the last metrics: {e}")
+        return self.failure is None
 
     def close(self) -> None:
         """Flush what is pending and close the sinks (a writer or W&B run passed in stays open)."""

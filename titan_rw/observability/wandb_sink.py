@@ -9,7 +9,6 @@ environment variables (WANDB_PROJECT, WANDB_MODE=offline, WANDB_DIR, WANDB_API_K
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 from titan_rw.observability.names import HIST_TAGS, charted_scalars
@@ -20,11 +19,17 @@ SAMPLES_KEY = "data/weighted_samples"
 
 
 def require_wandb(enabled: bool) -> None:
-    """`metrics.enable_wandb = true` without the wandb package: one line, before anything is built
-    (TorchTitan alone would log an error and train without W&B)."""
-    if enabled and importlib.util.find_spec("wandb") is None:
-        raise SystemExit("titan_rw: metrics.enable_wandb = true, but the wandb package is not installed: "
-                         "pip install 'titan_rw[wandb]' (or set metrics.enable_wandb = false)")
+    """`metrics.enable_wandb = true` without the wandb package: ModuleNotFoundError with one line,
+    before anything is built (TorchTitan alone would log an error and train without W&B)."""
+    if not enabled:
+        return
+    try:
+        import wandb  # noqa: F401  (only whether it imports)
+    except ImportError:
+        raise ModuleNotFoundError(
+            "metrics.enable_wandb = true needs the wandb package, which is not installed: "
+            "pip install 'titan_rw[wandb]' (in a checkout: pip install -e '.[wandb]'), "
+            "or set metrics.enable_wandb = false") from None
 
 
 def wandb_run_of(metrics_processor) -> Any | None:
