@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from titan_rw.documents import DocumentLosses, document_losses, document_weights
-from titan_rw.reweight import sample_weights
+from titan_rw.reweight import max_weight_ratio, sample_weights
 
 IGNORE_INDEX = -100
 # Functional (traceable) all-gather: `all_gather_single` from torch 2.13, its older name before.
@@ -166,7 +166,7 @@ class WeightStats:
         st = cls.of(losses, weights, valid)
         st.mean_loss = (prior * torch.where(valid, losses, 0.0)).sum()  # the plain token-mean loss
         st.prior = prior
-        st.max_ratio = torch.where(prior > 0, weights / torch.where(prior > 0, prior, 1.0), 0.0).max()
+        st.max_ratio = max_weight_ratio(weights, prior)
         st.overflow_rows = merged.sum()  # an overflow row has exactly one merged slot
         return st
 
