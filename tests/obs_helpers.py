@@ -20,7 +20,7 @@ from torch import nn
 
 from titan_rw.data import EMBEDDED_TRAIN
 from titan_rw.loss import per_sample_loss, reweighted_loss
-from titan_rw.observability import RunLogger
+from titan_rw.observability.run_logger import RunLogger
 
 STEPS = 40
 B = 16

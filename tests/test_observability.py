@@ -29,15 +29,11 @@ from tensorboard.util import tensor_util
 
 from obs_helpers import corpus_ids, event_dirs
 from titan_rw.loss import reweighted_loss
-from titan_rw.observability import (
-    HIST_TAGS,
-    GroupLayout,
-    SCALAR_TAGS,
-    RunLogger,
-    read_metrics,
-    read_samples,
-    tb_writer_of,
-)
+from titan_rw.observability.jsonl import read_metrics, read_samples
+from titan_rw.observability.names import HIST_TAGS, SCALAR_TAGS
+from titan_rw.observability.provenance import GroupLayout
+from titan_rw.observability.run_logger import RunLogger
+from titan_rw.observability.tensorboard_sink import tb_writer_of
 from titan_rw.progress import Progress, fmt_duration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -488,7 +484,7 @@ def test_progress_line():
 def test_fault_counters_in_health_and_no_mfu_without_peak(tmp_path):
     """The trainer's fault counters are TensorBoard's health/ group; without a peak FLOPS (a CPU
     run) no perf/mfu is written; the Custom Scalars layout puts weights/max and 2/b in one chart."""
-    from titan_rw.observability import tensorboard_layout
+    from titan_rw.observability.names import tensorboard_layout
 
     rl = RunLogger.Config(log_interval=1).build(str(tmp_path), 0, num_flops_per_token=1e6, peak_flops=None)
     rl.record(1, _stats([1.0, 3.0]), temperature=1.0, ntokens=128,
@@ -552,7 +548,7 @@ def test_document_granularity_metrics_samples_and_histogram(tmp_path):
     the weights, the slots' token counts and the hand-made slot table."""
     from titan_rw.documents import document_weights
     from titan_rw.loss import WeightStats
-    from titan_rw.observability import StepRecord
+    from titan_rw.observability.run_logger import StepRecord
 
     f = torch.tensor([s[3] if s else 0.0 for s in DOC_SLOTS])
     n = torch.tensor([s[2] if s else 0 for s in DOC_SLOTS])

@@ -68,7 +68,7 @@ def _run(tmp, folder, *extra, nproc=1, torchrun_args=(), expect=0, timeout=300):
 
 
 def _metrics(folder):
-    from titan_rw.observability import read_metrics
+    from titan_rw.observability.jsonl import read_metrics
 
     return {r["step"]: r for r in read_metrics(folder)}
 

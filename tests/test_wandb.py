@@ -23,7 +23,8 @@ import sys
 
 import pytest
 
-from titan_rw.observability import read_metrics, read_samples, tag_of
+from titan_rw.observability.jsonl import read_metrics, read_samples
+from titan_rw.observability.names import tag_of
 from titan_rw.observability.names import HIST_TAGS, NOT_CHARTED
 from titan_rw.observability.wandb_sink import SAMPLE_COLUMNS, SAMPLES_KEY
 

@@ -12,7 +12,7 @@ Sections mapped 1:1 onto TorchTitan's dataclasses accept exactly those dataclass
 `[checkpoint]` CheckpointManager.Config, `[metrics]` MetricsProcessor.Config,
 `[parallelism]` ParallelismConfig, `[compile]` CompileConfig, `[comm]` CommConfig,
 `[profiler]` Profiler.Config. Sections of titan_rw's components, each beside its code:
-`[reweight]` titan_rw.reweight.ReweightConfig, `[logging]` titan_rw.observability.RunLogger.Config,
+`[reweight]` titan_rw.reweight.ReweightConfig, `[logging]` titan_rw.observability.run_logger.RunLogger.Config,
 `[fault]` titan_rw.faults.StopGuard.Config, `[fault_injection]` (tests) titan_rw.fault_injection,
 `[periodic_eval]` titan_rw.eval.periodic.PeriodicEvalConfig, `[run_lock]` titan_rw.runlock.RunLock.Config
 (read by `titan_rw.train`, which holds the lock). `[checkpoint]` builds
@@ -53,7 +53,8 @@ from titan_rw.checkpointing import ResumableCheckpointManager
 from titan_rw.eval.periodic import PeriodicEvalConfig
 from titan_rw.fault_injection import FaultInjection
 from titan_rw.faults import NonFiniteSkipOptimizers, StopGuard
-from titan_rw.observability import RunLogger, require_wandb
+from titan_rw.observability.run_logger import RunLogger
+from titan_rw.observability.wandb_sink import require_wandb
 from titan_rw.reweight import STRATEGIES, ReweightConfig
 from titan_rw.runlock import RunLock
 from titan_rw.trainer import ReweightTrainer

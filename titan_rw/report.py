@@ -25,7 +25,7 @@ import os
 import sys
 from collections import Counter
 
-from titan_rw.observability import finite, read_metrics, read_samples
+from titan_rw.observability.jsonl import finite, read_metrics, read_samples
 
 
 class Run:

@@ -12,9 +12,9 @@ MetricsProcessor's TensorBoard writer. The step (Algorithm 1):
    rank and returns  Σ_local w_i f_i ; FSDP sums gradients across DP ranks (divide factor 1),
    so the step's gradient is exactly  Σ_global w_i ∇f_i ;
 3. the optimizer step goes through `titan_rw.faults.NonFiniteSkipOptimizers` (a non-finite step is
-   dropped on device); statistics stay on device and `titan_rw.observability.RunLogger` reads them
-   to the host once per `logging.log_interval` steps (metrics.jsonl, samples.jsonl, TensorBoard,
-   the console line); `titan_rw.faults.StopGuard` stops the run after a checkpoint on a signal or
+   dropped on device); statistics stay on device and the `RunLogger` (titan_rw.observability)
+   reads them to the host once per `logging.log_interval` steps (metrics.jsonl, samples.jsonl,
+   TensorBoard, W&B, the console line); `titan_rw.faults.StopGuard` stops the run after a checkpoint on a signal or
    too many skipped steps.
 
 The components, each with its own config section: `[reweight]` ReweightConfig (titan_rw.reweight),
@@ -60,7 +60,8 @@ from titan_rw.fault_injection import FaultInjection
 from titan_rw.faults import EXIT_TOO_MANY_SKIPS, NonFiniteSkipOptimizers, RowAudit, StopGuard, TrainingStopped  # noqa: F401
 from titan_rw.loss import IGNORE_INDEX, group_weights, per_document_loss, per_sample_loss, reweighted_loss, weighted_sum
 from titan_rw.models import FLAVORS, describe, portable_init
-from titan_rw.observability import FaultCounters, RunLogger, StepRecord, require_wandb
+from titan_rw.observability.run_logger import FaultCounters, RunLogger, StepRecord
+from titan_rw.observability.wandb_sink import require_wandb
 from titan_rw.reweight import ReweightConfig
 
 # Parallelisms the reweighted step cannot run under, and why (checked by the trainer itself, before

@@ -11,7 +11,7 @@ to every sink, and a chart shows it under `names.tag_of(name)`:
                          histogram steps and the max-weight window: an `Interval`
     provenance.py        the rows' provenance in the step's groups (`GroupLayout`), per-domain
                          statistics, the samples tables (doc id, URL, text)
-    jsonl_sink.py        metrics.jsonl and samples.jsonl: written, fsync'ed, read back, torn tails cut
+    jsonl.py        metrics.jsonl and samples.jsonl: written, fsync'ed, read back, torn tails cut
     tensorboard_sink.py  scalars, the weight histogram in explicit buckets to 2/b, loss and window
                          histograms, the samples as text, the Custom Scalars layout
     wandb_sink.py        W&B (`[metrics] enable_wandb`): the same scalars, the weight histogram with
@@ -25,28 +25,7 @@ to every sink, and a chart shows it under `names.tag_of(name)`:
     rl.record_step(StepRecord(step, groups, temperature, lr, grad_norm, ntokens, ...))  # device ops only
     rl.close()
 
-Only rank 0 writes; on other ranks every call is a no-op.
+Only rank 0 writes; on other ranks every call is a no-op. This file imports nothing: import from
+the room (`titan_rw.observability.run_logger.RunLogger`, `titan_rw.observability.jsonl.read_metrics`,
+`titan_rw.observability.names.SCALAR_TAGS`, ...), so no room depends on all the others.
 """
-
-from titan_rw.observability.jsonl_sink import cut_torn_tail, finite, read_metrics, read_samples, write_failure
-from titan_rw.observability.names import (
-    HEALTH_KEYS,
-    HIST_TAGS,
-    METRICS_FILE,
-    SAMPLES_FILE,
-    SCALAR_TAGS,
-    TEXT_TAGS,
-    WINDOW_TAGS,
-    tag_of,
-    tensorboard_layout,
-)
-from titan_rw.observability.provenance import GroupLayout
-from titan_rw.observability.run_logger import FaultCounters, RunLogger, StepRecord
-from titan_rw.observability.tensorboard_sink import tb_writer_of
-from titan_rw.observability.wandb_sink import require_wandb, wandb_run_of
-
-__all__ = [
-    "HEALTH_KEYS", "HIST_TAGS", "METRICS_FILE", "SAMPLES_FILE", "SCALAR_TAGS", "TEXT_TAGS", "WINDOW_TAGS",
-    "FaultCounters", "GroupLayout", "RunLogger", "StepRecord", "cut_torn_tail", "finite", "read_metrics",
-    "read_samples", "require_wandb", "tag_of", "tb_writer_of", "tensorboard_layout", "wandb_run_of", "write_failure",
-]

@@ -18,7 +18,7 @@ import torch
 
 from titan_rw.observability import console
 from titan_rw.observability.device import DeviceBuffer, sample_vectors, step_metrics
-from titan_rw.observability.jsonl_sink import JsonlSink, write_failure
+from titan_rw.observability.jsonl import JsonlSink, write_failure
 from titan_rw.observability.names import METRICS_FILE, SAMPLES_FILE
 from titan_rw.observability.provenance import DocLookup, GroupLayout, SampleTables
 from titan_rw.observability.rows import IntervalRows, PendingStep

@@ -47,7 +47,7 @@ def write_weight_histogram(writer, tag: str, weights: np.ndarray, bound: float, 
 def _quiet_thread_errors() -> None:
     """TensorBoard writes event files from a thread, which prints its OSError (a full disk) as a
     traceback and raises it again at the writer's next call, where the RunLogger turns it into
-    the one line of `jsonl_sink.write_failure`: the thread's copy is not printed (once per process)."""
+    the one line of `jsonl.write_failure`: the thread's copy is not printed (once per process)."""
     import threading
 
     prev = threading.excepthook
