@@ -14,8 +14,8 @@ MetricsProcessor's TensorBoard writer. The step (Algorithm 1):
 3. the optimizer step goes through `titan_rw.faults.NonFiniteSkipOptimizers` (a non-finite step is
    dropped on device); statistics stay on device and the `RunLogger` (titan_rw.observability)
    reads them to the host once per `logging.log_interval` steps (metrics.jsonl, samples.jsonl,
-   TensorBoard, W&B, the console line); `titan_rw.faults.StopGuard` stops the run after a checkpoint on a signal or
-   too many skipped steps.
+   TensorBoard, W&B, the console line); `titan_rw.faults.StopGuard` stops the run after a
+   checkpoint on a signal or too many skipped steps.
 
 The components, each with its own config section: `[reweight]` ReweightConfig (titan_rw.reweight),
 `[logging]` RunLogger, `[fault]` StopGuard, `[fault_injection]` FaultInjection (tests only),
