@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from obs_helpers import keep_step_groups
 from titan_rw import config as C
 from helpers import full, reweight_as_configured  # noqa: E402  (tests/helpers.py: the script runs from tests/)
 from torch.distributed.tensor import DTensor  # noqa: E402
@@ -106,6 +107,7 @@ def main(out_path):
         "--reweight.max_documents_per_row", str(SLOTS), "--reweight.min_document_tokens", str(MIN_TOKENS),
     ])
     trainer = cfg.build()
+    last = keep_step_groups(trainer)
     rank, dp = trainer.dp_rank, trainer.dp_size
     model = trainer.model_parts[0]
     plain = trainer.model_config.build()
@@ -126,7 +128,7 @@ def main(out_path):
         trainer.step += 1
         trainer.train_step(iter(local))
         grads = {n: full(p.grad).detach() for n, p in model.named_parameters()}
-        return params, grads, trainer.last_weight_stats
+        return params, grads, last["groups"]
 
     def draw(start, count):
         gen = torch.Generator().manual_seed(seed[0])

@@ -20,6 +20,8 @@ from titan_rw import config as C
 from titan_rw.float8 import float8_modules
 from titan_rw.synthetic import synthetic_row
 
+from obs_helpers import keep_step_groups
+
 SEQ, B_LOCAL = 32, 4
 
 
@@ -67,10 +69,11 @@ def main(out_path):
     res["losses"] = losses
 
     # one real float8 optimizer step: the weights of each group (a micro-batch over both ranks)
+    kept = keep_step_groups(f8)
     f8.step += 1
     f8.train_step(iter(batches))
-    res["weight_sums"] = [float(g.weights.sum()) for g in f8.last_weight_stats]
-    res["group_sizes"] = [int(g.weights.numel()) for g in f8.last_weight_stats]
+    res["weight_sums"] = [float(g.weights.sum()) for g in kept["groups"]]
+    res["group_sizes"] = [int(g.weights.numel()) for g in kept["groups"]]
     res["grad_norm_finite"] = bool(all(torch.isfinite(
         (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad)).all() for p in f8.model_parts[0].parameters()))
     if rank == 0:

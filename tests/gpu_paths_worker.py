@@ -84,6 +84,8 @@ def paths(out, dump):
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
+    from obs_helpers import keep_step_groups
+
     debug = os.path.join(ROOT, "train_configs", "debug_cpu.toml")
     common = ["--training.steps", "3", "--training.local_batch_size", "2", "--training.global_batch_size", "4",
               "--reweight.scope", "microbatch", "--reweight.warmup_steps", "1", "--logging.log_interval", "1",
@@ -96,6 +98,7 @@ def paths(out, dump):
     res = {}
     for name, extra in runs.items():
         trainer = tiny(debug, os.path.join(dump, name), *common, *extra).build()
+        last = keep_step_groups(trainer)
         model = trainer.model_parts[0]
         p = next(iter(model.parameters()))
         local_losses, steps = [], []
@@ -112,7 +115,7 @@ def paths(out, dump):
             trainer.step += 1
             local_losses.clear()
             trainer.train_step(it)
-            groups = trainer.last_weight_stats
+            groups = last["groups"]
             local = torch.stack(local_losses).sum()
             dist.all_reduce(local)  # the ranks' slices together: the whole groups' weighted loss
             steps.append({
@@ -122,7 +125,7 @@ def paths(out, dump):
                 "mean_loss": sum(float(g.mean_loss) for g in groups) / len(groups),
                 "sum_of_local": float(local),
             })
-        with open(trainer.metrics_path) as f:
+        with open(trainer.run_logger.metrics_path) as f:
             rows = [json.loads(line) for line in f]
         pd = trainer.parallel_dims
         res[name] = {

@@ -32,8 +32,8 @@ def full(t):
 
 
 def metrics_by_step(folder) -> dict[int, dict]:
-    """{step: row} of a run folder's metrics.jsonl (titan_rw.observability.read_metrics)."""
-    from titan_rw.observability import read_metrics
+    """{step: row} of a run folder's metrics.jsonl (titan_rw.observability.jsonl.read_metrics)."""
+    from titan_rw.observability.jsonl import read_metrics
 
     return {r["step"]: r for r in read_metrics(folder)}
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from titan_rw.data import EMBEDDED_TRAIN
 from titan_rw.loss import ReweightSettings, per_sample_loss, reweighted_loss
-from titan_rw.observability import RunLogger
+from titan_rw.observability.run_logger import RunLogger
 
 STEPS = 40
 B = 16
@@ -75,10 +75,29 @@ def train_run(folder: str, *, strategy: str, temperature: float, cap: float | No
             step, stats, temperature=temperature, provenance=prov, inputs=inp["input"],
             ntokens=int(labels.numel()), extra={"lr": 0.05, "grad_norm": gnorm},
         )
-        if rl.should_flush(step):
-            rl.flush(step)
+        if rl.is_log_step(step):
+            rl.flush()
     rl.close()
     return folder
+
+
+def event_dirs(run_dir: str) -> list[str]:
+    """Directories under run_dir holding TensorBoard event files."""
+    return sorted({root for root, _, files in os.walk(run_dir) if any(f.startswith("events.out.tfevents") for f in files)})
+
+
+def keep_step_groups(trainer) -> dict:
+    """box["groups"]: the WeightStats of the trainer's latest step, as it hands them to its RunLogger
+    (device tensors; every rank, also where the logger writes nothing)."""
+    box: dict = {}
+    record_step = trainer.run_logger.record_step
+
+    def keep(rec):
+        box["groups"] = rec.groups
+        return record_step(rec)
+
+    trainer.run_logger.record_step = keep
+    return box
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,7 +15,7 @@ import sys
 
 import titan_rw  # noqa: F401  (compat patches before torchtitan)
 
-from titan_rw.observability import RunLogger
+from titan_rw.observability.run_logger import RunLogger
 from titan_rw.train import train_main
 
 

@@ -303,13 +303,13 @@ def test_cap_weights_prior_extreme_logs():
 
 def test_max_weight_ratio():
     w = torch.tensor([0.5, 0.3, 0.2, 0.0, 0.0])
-    prior = torch.tensor([2.0, 1.0, 1.0, 4.0, 0.0])  # pi over valid (first four) = 2/8, 1/8, 1/8, 4/8
+    prior = torch.tensor([2.0, 1.0, 1.0, 4.0, 0.0]) / 8  # an empty slot (pi = 0) counts nothing
     assert float(max_weight_ratio(w, prior)) == pytest.approx(0.3 / (1 / 8))
-    valid = torch.tensor([True, False, True, True, True])  # pi = 2/7, -, 1/7, 4/7
-    assert float(max_weight_ratio(w, prior, valid)) == pytest.approx(0.5 / (2 / 7))
+    w = torch.tensor([0.5, 0.0, 0.2, 0.3, 7.0])  # a weight where pi = 0 (no sample there) is not a ratio
+    assert float(max_weight_ratio(w, torch.tensor([2.0, 0.0, 1.0, 4.0, 0.0]) / 7)) == pytest.approx(0.5 / (2 / 7))
     # With a uniform prior it is b * max w, Theorem 1's bound 2/b read as a ratio bound of 2.
     w = torch.tensor([0.1, 0.2, 0.7])
-    assert float(max_weight_ratio(w, torch.ones(3))) == pytest.approx(2.1)
+    assert float(max_weight_ratio(w, torch.ones(3) / 3)) == pytest.approx(2.1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,18 +27,13 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 
-from obs_helpers import corpus_ids
+from obs_helpers import corpus_ids, event_dirs
 from titan_rw.loss import ReweightSettings, reweighted_loss
-from titan_rw.observability import (
-    HIST_TAGS,
-    GroupLayout,
-    SCALAR_TAGS,
-    RunLogger,
-    event_dirs,
-    read_metrics,
-    read_samples,
-    tb_writer_of,
-)
+from titan_rw.observability.jsonl import read_metrics, read_samples
+from titan_rw.observability.names import HIST_TAGS, SCALAR_TAGS
+from titan_rw.observability.provenance import GroupLayout
+from titan_rw.observability.run_logger import RunLogger
+from titan_rw.observability.tensorboard_sink import tb_writer_of
 from titan_rw.progress import Progress, fmt_duration
 
 from helpers import ROOT, subprocess_env  # noqa: E402
@@ -339,7 +334,7 @@ def test_record_never_reads_the_device_and_flush_reads_once(tmp_path, monkeypatc
             return real_cpu(self, *a, **k)
 
         m.setattr(torch.Tensor, "cpu", counting_cpu)
-        rows = rl.flush(4)
+        rows = rl.flush()
     assert calls["cpu"] == 1  # the whole interval in one transfer
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["temperature"] == pytest.approx(0.7) and r["grad_norm"] == 1.5 for r in rows)
@@ -354,7 +349,7 @@ def test_bound_violations_counted_and_cap_removes_them(tmp_path):
     for step in (1, 2):
         rl.record(step, _stats(f), temperature=1.0)
     rl.record(3, _stats(f, cap=2.0), temperature=1.0)
-    rows = rl.flush(3)
+    rows = rl.flush()
     rl.close()
     e = math.e
     assert rows[0]["max_weight"] == pytest.approx(e / (e + 127), rel=1e-5)
@@ -370,7 +365,7 @@ def test_several_groups_per_step_and_invalid_samples(tmp_path):
     g2 = _stats([1.0, 1.0, 9.0, float("nan")])  # one invalid sample: b = 3 in that group
     rl = RunLogger.Config(log_interval=1).build(str(tmp_path), 0)
     rl.record(1, [g1, g2], temperature=1.0)
-    (row,) = rl.flush(1)
+    (row,) = rl.flush()
     rl.close()
     assert row["max_weight"] == pytest.approx(max(float(g1.max_weight), float(g2.max_weight)))
     assert row["loss"] == pytest.approx((2.5 + 11 / 3) / 2, rel=1e-6)
@@ -396,7 +391,7 @@ def test_bound_is_checked_per_group(tmp_path):
     rl = RunLogger.Config(log_interval=1).build(str(tmp_path), 0)
     rl.record(1, [a, b], temperature=1.0)
     rl.record(2, [b, b], temperature=1.0)
-    r1, r2 = rl.flush(2)
+    r1, r2 = rl.flush()
     rl.close()
     assert r1["bound_violations"] == 1 and r1["bound_ratio"] == pytest.approx(wa * 8 / 2, rel=1e-6)
     assert r1["max_weight"] == pytest.approx(wb) and r1["b"] == 3 and r1["max_weight_bound"] == pytest.approx(2 / 3)
@@ -411,7 +406,7 @@ def test_domain_weights_and_samples_use_each_groups_b(tmp_path):
     prov = [[{"domain": "ab"[i % 2], "doc_id": f"d{i}", "n_tokens": 8 + 8 * (i % 2)}] for i in range(8)]
     rl = RunLogger.Config(log_interval=1, samples_interval=1, top_k=2).build(str(tmp_path), 0)
     rl.record(1, groups, temperature=1.0, provenance=prov)
-    (row,) = rl.flush(1)
+    (row,) = rl.flush()
     rl.close()
     for dom in ("a", "b"):
         assert row["domains"][dom]["mean_weight"] == pytest.approx(1.0, rel=1e-6)
@@ -423,7 +418,7 @@ def test_domain_weights_and_samples_use_each_groups_b(tmp_path):
 def test_other_ranks_write_nothing(tmp_path):
     rl = RunLogger.Config().build(str(tmp_path / "r1"), rank=1)
     rl.record(1, _stats([1.0, 2.0]), temperature=1.0)
-    assert rl.flush(1) == [] and not rl.should_flush(1)
+    assert rl.flush() == [] and not rl.enabled
     rl.close()
     assert not (tmp_path / "r1").exists()
 
@@ -485,7 +480,7 @@ def test_progress_line():
 def test_fault_counters_in_health_and_no_mfu_without_peak(tmp_path):
     """The trainer's fault counters are TensorBoard's health/ group; without a peak FLOPS (a CPU
     run) no perf/mfu is written; the Custom Scalars layout puts weights/max and 2/b in one chart."""
-    from titan_rw.observability import tensorboard_layout
+    from titan_rw.observability.names import tensorboard_layout
 
     rl = RunLogger.Config(log_interval=1).build(str(tmp_path), 0, num_flops_per_token=1e6, peak_flops=None)
     rl.record(1, _stats([1.0, 3.0]), temperature=1.0, ntokens=128,
@@ -524,7 +519,7 @@ DOC_SLOTS = [("A", "web", 20, 3.0), ("B", "code", 44, 4.5), None,
 
 def test_group_layout_per_sample_and_provenance_index():
     a, b, c, d, e = ({"doc_id": x} for x in "abcde")
-    lay = GroupLayout(fragments_per_row=3)
+    lay = GroupLayout(max_documents_per_row=3)
     got = lay.per_sample([[a, b], [c], [a, b, c, d, e], [a, None, b, c], [], None])
     assert got == [a, b, None,  c, None, None,  a, b, [c, d, e],  a, b, c,  None, None, None,  None, None, None]
     assert lay.per_sample([[a, b, c, d]])[2] == [c, d]  # one fragment past the slots: still a list
@@ -540,7 +535,7 @@ def test_group_layout_per_sample_and_provenance_index():
             assert (got if got is not None else list(range(len(want)))) == want, (k, b_local, dp_size, rank)
             assert GroupLayout(k, b_local, rank, dp_size).provenance_index(2) in (None, want[:2])
     assert GroupLayout(1, 4, 0, 2).provenance_index(4) is None  # rank 0's rows of one group: the identity
-    assert GroupLayout(2, 6, 1, 2, fragments_per_row=3).provenance_index(12) == [6, 7, 8, 9, 10, 11, 18, 19, 20, 21, 22, 23]
+    assert GroupLayout(2, 6, 1, 2, max_documents_per_row=3).provenance_index(12) == [6, 7, 8, 9, 10, 11, 18, 19, 20, 21, 22, 23]
 
 
 def test_document_granularity_metrics_samples_and_histogram(tmp_path):
@@ -549,7 +544,7 @@ def test_document_granularity_metrics_samples_and_histogram(tmp_path):
     the weights, the slots' token counts and the hand-made slot table."""
     from titan_rw.documents import document_weights
     from titan_rw.loss import WeightStats
-    from titan_rw.observability import StepRecord
+    from titan_rw.observability.run_logger import StepRecord
 
     f = torch.tensor([s[3] if s else 0.0 for s in DOC_SLOTS])
     n = torch.tensor([s[2] if s else 0 for s in DOC_SLOTS])
@@ -557,7 +552,7 @@ def test_document_granularity_metrics_samples_and_histogram(tmp_path):
     merged[8] = True
     w, prior = document_weights(f, n, "dro_kl", 1.0, min_tokens=8, merged=merged)
     stats = WeightStats.of_documents(f, w, n > 0, prior, merged)
-    lay = GroupLayout(1, 4 * F_SLOTS, 0, 1, fragments_per_row=F_SLOTS)
+    lay = GroupLayout(1, 4 * F_SLOTS, 0, 1, max_documents_per_row=F_SLOTS)
     rl = RunLogger.Config(log_interval=1, histogram_interval=1, samples_interval=1, top_k=2, snippet_chars=1000).build(
         str(tmp_path), 0, layout=lay, total_steps=1, decode=lambda ids: " ".join(map(str, ids)))
     inputs = torch.arange(4)[:, None] * 100 + torch.arange(64)[None, :]  # token t of row q: 100 q + t

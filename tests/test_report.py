@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from obs_helpers import shared_runs
-from titan_rw.observability import read_metrics
+from titan_rw.observability.jsonl import read_metrics
 from titan_rw.report import make_report, report_main
 
 

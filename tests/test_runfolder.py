@@ -238,7 +238,7 @@ def test_torn_last_lines_are_cut_on_resume_and_every_row_parses(stale):
     # rows 1-2 of the killed run (its torn row 3 cut away), then the resume's 3-6 (from step-2)
     assert _file_steps(r["folder"]) == [1, 2, 3, 4, 5, 6]
     assert _file_steps(r["folder"], "samples.jsonl") == [1, 2, 3, 4, 5, 6]
-    from titan_rw.observability import read_metrics
+    from titan_rw.observability.jsonl import read_metrics
 
     assert [row["step"] for row in read_metrics(r["folder"])] == [1, 2, 3, 4, 5, 6]
     assert "no run summary" not in r["takeover_log"] and "finished 6 steps" in r["takeover_log"]

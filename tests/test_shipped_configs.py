@@ -58,7 +58,7 @@ def _run(base, label, cmd, expect):
 
 
 def _rows(folder):
-    from titan_rw.observability import read_metrics
+    from titan_rw.observability.jsonl import read_metrics
 
     return {r["step"]: r for r in read_metrics(folder)}
 

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from obs_helpers import B, shared_runs
-from titan_rw.observability import HIST_TAGS, read_metrics
+from titan_rw.observability.jsonl import read_metrics
+from titan_rw.observability.names import HIST_TAGS
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [

@@ -175,7 +175,7 @@ def _wait(p: subprocess.Popen, timeout: float, log: Path, what: str) -> int:
 
 
 def _metrics(run: Path) -> dict[int, dict]:
-    from titan_rw.observability import read_metrics
+    from titan_rw.observability.jsonl import read_metrics
 
     return {r["step"]: r for r in read_metrics(str(run))}
 
@@ -284,7 +284,7 @@ def test_losing_a_host_ends_the_other_and_both_resume(runs):
     assert "Training completed" not in runs["node0_log_a"]
     log = runs["node0_log_b"]
     assert f"resumed from the checkpoint of step {HANG_STEP}" in log, log[-4000:]
-    from titan_rw.observability import read_metrics
+    from titan_rw.observability.jsonl import read_metrics
 
     rows = [r["step"] for r in read_metrics(str(runs["run"]))]
     assert rows == list(range(1, STEPS + 1)), rows  # every step's row, each once

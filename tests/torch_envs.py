@@ -97,7 +97,7 @@ def _start(name, cmd, tmp):
 
 
 def _metrics(folder):
-    from titan_rw.observability import read_metrics
+    from titan_rw.observability.jsonl import read_metrics
 
     return {r["step"]: r for r in read_metrics(folder)}
 

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from obs_helpers import keep_step_groups
 from titan_rw import config as C
 from titan_rw.reweight import sample_weights
 from titan_rw.synthetic import synthetic_row
@@ -31,6 +32,7 @@ def main(out_path):
         "--data.loader", "synthetic", "--training.mixed_precision_param", "float32", "--logging.log_interval", "1000",
     ])
     trainer = cfg.build()
+    last = keep_step_groups(trainer)
     rank, dp = trainer.dp_rank, trainer.dp_size
     model = trainer.model_parts[0]
     plain = trainer.model_config.build()
@@ -52,7 +54,7 @@ def main(out_path):
         trainer.step += 1
         trainer.train_step(iter(local))
         grads = {n: full(p.grad).detach() for n, p in model.named_parameters()}
-        stats = trainer.last_weight_stats
+        stats = last["groups"]
 
         # ---- reference: one process, full logits, Σ w_i ∇f_i
         plain.load_state_dict(params, strict=False)

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from obs_helpers import keep_step_groups
 from titan_rw import config as C
 from titan_rw.synthetic import synthetic_row
 from helpers import full  # noqa: E402  (tests/helpers.py: the script runs from tests/)
@@ -51,6 +52,7 @@ def main(out_path):
         "--reweight.warmup_mode", "uniform",
     ])
     trainer = cfg.build()
+    last = keep_step_groups(trainer)
     rank, dp = trainer.dp_rank, trainer.dp_size
     model = trainer.model_parts[0]
     plain = trainer.model_config.build()
@@ -64,7 +66,7 @@ def main(out_path):
         trainer.step = step
         trainer.train_step(iter(local))
         grads = {n: full(p.grad).detach().double() for n, p in model.named_parameters()}
-        stats = trainer.last_weight_stats[0]
+        stats = last["groups"][0]
 
         ref = plain.double()  # floating tensors only: `.to(torch.float64)` would also cast RoPE's complex cache
         ref.load_state_dict({n: v.double() for n, v in params.items()}, strict=False)

@@ -12,7 +12,7 @@ Sections mapped 1:1 onto TorchTitan's dataclasses accept exactly those dataclass
 `[checkpoint]` CheckpointManager.Config, `[metrics]` MetricsProcessor.Config,
 `[parallelism]` ParallelismConfig, `[compile]` CompileConfig, `[comm]` CommConfig,
 `[profiler]` Profiler.Config. Sections of titan_rw's components, each beside its code:
-`[reweight]` titan_rw.reweight.ReweightConfig, `[logging]` titan_rw.observability.RunLogger.Config,
+`[reweight]` titan_rw.reweight.ReweightConfig, `[logging]` titan_rw.observability.run_logger.RunLogger.Config,
 `[fault]` titan_rw.faults.StopGuard.Config, `[fault_injection]` (tests) titan_rw.fault_injection,
 `[periodic_eval]` titan_rw.eval.periodic.PeriodicEvalConfig, `[float8]` titan_rw.float8.Float8Config
 (TorchTitan's Float8LinearConverter keys, applied to the model config), `[run_lock]` titan_rw.runlock.RunLock.Config
@@ -55,7 +55,8 @@ from titan_rw.eval.periodic import PeriodicEvalConfig
 from titan_rw.fault_injection import FaultInjection
 from titan_rw.float8 import Float8Config
 from titan_rw.faults import NonFiniteSkipOptimizers, StopGuard
-from titan_rw.observability import RunLogger
+from titan_rw.observability.run_logger import RunLogger
+from titan_rw.observability.wandb_sink import require_wandb
 from titan_rw.reweight import STRATEGIES, ReweightConfig
 from titan_rw.runlock import RunLock
 from titan_rw.trainer import ReweightTrainer
@@ -472,9 +473,13 @@ def preflight(cfg) -> None:
     """Checks before the model is built: the run folder and the checkpoint folder can be written
     (a file in their place, a read-only mount), and cheap checks of the data a
     `ReweightTrainer.Config` names (paths, parquet footers and columns, texts not all null, shards
-    found and made with the run's tokenizer).
+    found and made with the run's tokenizer), and the wandb package if `metrics.enable_wandb`.
     ConfigError naming the key and the path; nothing is created."""
     _check_writable(cfg.dump_folder, "job.dump_folder")
+    try:
+        require_wandb(cfg.metrics.enable_wandb)
+    except ImportError as e:
+        raise ConfigError(str(e)) from None
     ck = cfg.checkpoint
     if ck.enable and not ck.load_only:
         _check_writable(os.path.join(cfg.dump_folder, ck.folder), "checkpoint.folder")

@@ -16,9 +16,8 @@ token-mean loss. The bound: rows have pi = 1/b and Theorem 1 asks w_i <= 2/b, i.
 for documents the same statement is w_d <= c pi_d (c = 2), no fragment more than c times its
 token share. With `cap = c` the long fragments' weights are the KL projection w_d = min(lambda w_d,
 c pi_d / P) of the softmax (P = sum_long pi), scaled by P: w_d <= c pi_d for every fragment (short
-ones have ratio exactly 1 <= c). The run logs max_d w_d / pi_d as `max_weight_ratio` in metrics.jsonl,
-computed from the group's weights and priors by titan_rw.loss.WeightStats.of_documents;
-titan_rw.reweight.max_weight_ratio is the same ratio as a standalone function (not the logged value).
+ones have ratio exactly 1 <= c). `titan_rw.reweight.max_weight_ratio` computes max_d w_d / pi_d, the
+run's logged max_weight_ratio (`titan_rw.loss.WeightStats.of_documents`).
 """
 
 from __future__ import annotations

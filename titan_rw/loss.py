@@ -17,7 +17,7 @@ from torch import nn
 from torchtitan.components.loss import IGNORE_INDEX
 
 from titan_rw.documents import DocumentLosses, document_losses, document_weights
-from titan_rw.reweight import sample_weights
+from titan_rw.reweight import max_weight_ratio, sample_weights
 
 # Functional (traceable) all-gather: `all_gather_single` from torch 2.13, its older name before.
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
@@ -166,7 +166,7 @@ class WeightStats:
         st = cls.of(losses, weights, valid)
         st.mean_loss = (prior * torch.where(valid, losses, 0.0)).sum()  # the plain token-mean loss
         st.prior = prior
-        st.max_ratio = torch.where(prior > 0, weights / torch.where(prior > 0, prior, 1.0), 0.0).max()
+        st.max_ratio = max_weight_ratio(weights, prior)
         st.overflow_rows = merged.sum()  # an overflow row has exactly one merged slot
         return st
 

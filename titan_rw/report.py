@@ -26,7 +26,7 @@ import sys
 import textwrap
 from collections import Counter
 
-from titan_rw.observability import finite, read_metrics, read_samples
+from titan_rw.observability.jsonl import finite, read_metrics, read_samples
 
 
 class Run:

@@ -12,7 +12,8 @@ sample i is pi_i instead of 1/b, and the weights reweight on top of it:
 
 so `uniform` gives w = pi. Theorem 1 needs w_i <= 2/b = 2 * (1/b): no sample more than twice its
 uniform weight. Its analogue with a prior is the ratio bound w_i / pi_i <= c (c = 2), which the
-cap enforces as w_i = min(lambda w_i, c pi_i) (Prop. 1's form; `cap_weights`, `max_weight_ratio`).
+cap enforces as w_i = min(lambda w_i, c pi_i) (Prop. 1's form; `cap_weights`); `max_weight_ratio`
+measures it (the run's logged max_weight_ratio).
 With pi = 1/b both reduce to the row formulas above.
 
 Everything stays on the tensor's device with no host synchronisation and no
@@ -45,20 +46,13 @@ def max_weight_bound(b: int | torch.Tensor, c: float = 2.0):
     return c / b
 
 
-def max_weight_ratio(weights: torch.Tensor, prior: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """max_i w_i / pi_i over the valid samples with pi_i > 0: how many times its uniform weight the
-    most up-weighted sample gets. pi is normalized here over those samples. Its bound is c = 2
-    (Theorem 1's w_i <= 2/b is the case pi = 1/b, where the ratio is b * max w); 0 if none count.
-    A device scalar, no host sync. Not the logged `max_weight_ratio` (metrics.jsonl): that one is
-    computed by titan_rw.loss.WeightStats.of_documents from the group's own prior."""
-    p = prior.detach().float()
-    ok = torch.isfinite(p) & (p > 0)
-    if valid is not None:
-        ok = ok & valid.to(device=p.device, dtype=torch.bool)
-    pi = torch.where(ok, p, 0.0)
-    pi = pi / pi.sum().clamp(min=torch.finfo(pi.dtype).tiny)
-    ratio = torch.where(ok, weights.detach().float() / torch.where(ok, pi, 1.0), 0.0)
-    return ratio.amax() if ratio.numel() else ratio.sum()
+def max_weight_ratio(weights: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """max_i w_i / pi_i over the samples with pi_i > 0 (pi: each sample's uniform weight, summing to
+    1 over the group; 0 for an empty slot or an invalid sample): how many times its uniform weight
+    the most up-weighted sample gets. Its bound is c = 2 (Theorem 1's w_i <= 2/b is the case
+    pi = 1/b, where the ratio is b * max w). What the run logs as max_weight_ratio (granularity
+    "document", `titan_rw.loss.WeightStats.of_documents`). A device scalar, no host sync."""
+    return torch.where(prior > 0, weights / torch.where(prior > 0, prior, 1.0), 0.0).max()
 
 
 def check_strategy(strategy: str) -> None:

@@ -287,7 +287,7 @@ def _run_locked(config) -> int:
         else:
             print(f"titan_rw: data error: {e}", file=sys.stderr)
     except OSError as e:
-        from titan_rw.observability import write_failure
+        from titan_rw.observability.jsonl import write_failure
 
         if not _is_full_or_readonly(e):
             if trainer is not None:
@@ -324,7 +324,7 @@ def _print_summary(trainer, config) -> None:
     path = getattr(rl, "metrics_path", None)
     final = None
     if path and os.path.isfile(path):
-        from titan_rw.observability import read_metrics
+        from titan_rw.observability.jsonl import read_metrics
 
         final = read_metrics(path)[-1]  # the last step's row (a torn last line is ignored)
     ck = getattr(trainer, "checkpointer", None)

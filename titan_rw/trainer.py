@@ -12,10 +12,10 @@ MetricsProcessor's TensorBoard writer. The step (Algorithm 1):
    rank and returns  Σ_local w_i f_i ; FSDP sums gradients across DP ranks (divide factor 1),
    so the step's gradient is exactly  Σ_global w_i ∇f_i ;
 3. the optimizer step goes through `titan_rw.faults.NonFiniteSkipOptimizers` (a non-finite step is
-   dropped on device); statistics stay on device and `titan_rw.observability.RunLogger` reads them
-   to the host once per `logging.log_interval` steps (metrics.jsonl, samples.jsonl, TensorBoard,
-   the console line); `titan_rw.faults.StopGuard` stops the run after a checkpoint on a signal or
-   too many skipped steps.
+   dropped on device); statistics stay on device and the `RunLogger` (titan_rw.observability)
+   reads them to the host once per `logging.log_interval` steps (metrics.jsonl, samples.jsonl,
+   TensorBoard, W&B, the console line); `titan_rw.faults.StopGuard` stops the run after a
+   checkpoint on a signal or too many skipped steps.
 
 The components, each with its own config section: `[reweight]` ReweightConfig (titan_rw.reweight),
 `[logging]` RunLogger, `[fault]` StopGuard, `[fault_injection]` FaultInjection (tests only),
@@ -62,7 +62,8 @@ from titan_rw.float8 import check_model as check_float8_model
 from titan_rw.loss import (IGNORE_INDEX, ReweightSettings, group_weights, per_document_loss, per_sample_loss,
                            reweighted_loss, weighted_sum)
 from titan_rw.models import FLAVORS, describe, portable_init
-from titan_rw.observability import FaultCounters, GroupLayout, RunLogger, StepRecord, tb_writer_of
+from titan_rw.observability.run_logger import FaultCounters, RunLogger, StepRecord
+from titan_rw.observability.wandb_sink import require_wandb
 from titan_rw.reweight import ReweightConfig
 
 # Parallelisms the reweighted step cannot run under, and why (checked by the trainer itself, before
@@ -133,6 +134,7 @@ class ReweightTrainer(Trainer):
         for section in (config.reweight, config.logging, config.fault, config.periodic_eval):
             section.validate()
         _check_parallelism(config.parallelism)
+        require_wandb(config.metrics.enable_wandb)
         _no_cuda_graph_capture(config.training)
         config.optimizer = _skipping_optimizer(config.optimizer)
         super().__init__(config)
@@ -169,21 +171,7 @@ class ReweightTrainer(Trainer):
         self._settings = self._reweighting  # this step's
         if self.rank == 0:
             os.makedirs(config.dump_folder, exist_ok=True)
-        mp = self.metrics_processor
-        self.run_logger = config.logging.build(
-            config.dump_folder,
-            rank=self.rank,
-            writer=tb_writer_of(mp),
-            tensorboard=config.metrics.enable_tensorboard,
-            layout=GroupLayout(self.gradient_accumulation_steps, config.training.local_batch_size * self.max_documents_per_row,
-                               self.dp_rank, self.dp_size, fragments_per_row=self.max_documents_per_row),
-            static={"strategy": rw.strategy},
-            total_steps=config.training.steps,
-            num_flops_per_token=mp.num_flops_per_token,
-            peak_flops=getattr(mp, "gpu_peak_flops", None) if self.device.type == "cuda" else None,  # no MFU on CPU
-            decode=getattr(self.tokenizer, "decode", None),
-        )
-        self.metrics_path = self.run_logger.metrics_path
+        self.run_logger = config.logging.build_for(self)
         # provenance of rank 0's rows (only rank 0 writes metrics / samples)
         self._want_provenance = self.rank == 0 and hasattr(self.dataloader, "last_provenance")
         self.stop_guard = config.fault.build(rank=self.rank, world_size=self.world_size, device=self.device)
@@ -340,10 +328,7 @@ class ReweightTrainer(Trainer):
 
         pe = self.config.periodic_eval
         scores = pe.scores(self.step, self.model_parts[0], self.tokenizer, max_length=self.config.training.seq_len)
-        if scores and self.rank == 0:
-            logger.info(f"step {self.step} eval: " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(scores.items())))
         o = self.optimizers
-        self.last_weight_stats = self._groups  # for observability hooks and tests (device tensors)
         self.run_logger.record_step(StepRecord(
             step=self.step, groups=self._groups, temperature=temperature, lr=lr, grad_norm=grad_norm,
             phase=self.temperature_schedule.phase(self.step),
@@ -352,12 +337,6 @@ class ReweightTrainer(Trainer):
             provenance=provenance if self._want_provenance else None, inputs=sample_inputs,
         ))
         if self.audit is not None and self.run_logger.is_log_step(self.step):
-            self.audit.flush()
-
-    def _before_checkpoint(self, step: int) -> None:
-        """Every step the checkpoint covers has its metrics row (rank 0) and audit lines on disk."""
-        self.run_logger.before_checkpoint(step)
-        if self.audit is not None:
             self.audit.flush()
 
     # ------------------------------------------------------------------ the loop
@@ -429,10 +408,12 @@ class ReweightTrainer(Trainer):
         logger.info("Training completed")
 
     def _before_checkpoint(self, step: int) -> None:
-        """The checkpointer's `before_save`: the covered steps' metrics rows on disk, then every rank
-        agrees that they are; if rank 0 could not write them (a full disk), the run stops without
-        this checkpoint (exit 1, docs/resuming.md "Torn lines, full disk")."""
+        """The checkpointer's `before_save`: the covered steps' metrics rows (rank 0) and audit lines
+        on disk, then every rank agrees that they are; if rank 0 could not write them (a full disk),
+        the run stops without this checkpoint (exit 1, docs/resuming.md "Torn lines, full disk")."""
         self.run_logger.before_checkpoint(step)
+        if self.audit is not None:
+            self.audit.flush()
         self.stop_guard.check_before_save(step, self.run_logger.failure)
 
     # ------------------------------------------------------------------ state
@@ -443,7 +424,6 @@ class ReweightTrainer(Trainer):
         (rank 0's: TorchTitan seeds every DP rank alike) and the run config (the resume check)."""
         sd = Trainer.state_dict(self)
         extra = {
-            "version": 2,
             "temperature_last_step": self.temperature_schedule.last_step,
             "run_logger": self.run_logger.state_dict(),
             **self.optimizers.skip_state(),
@@ -471,14 +451,8 @@ class ReweightTrainer(Trainer):
         self.run_logger.resumed_at(self.step)
 
     def close(self) -> None:
-        write_failed = False
-        if self.run_logger is not None:  # idempotent: None once closed
-            try:
-                self.run_logger.close()  # flushes what is pending
-            except Exception as e:  # noqa: BLE001  closing must not mask the original error
-                logger.warning(f"titan_rw: could not flush the last metrics: {e}")
-            write_failed = self.run_logger.failure is not None
-            self.run_logger = None
+        write_failed = self.run_logger is not None and not self.run_logger.finish()  # idempotent
+        self.run_logger = None
         for part in ("audit", "stop_guard"):
             if getattr(self, part) is not None:
                 getattr(self, part).close()
