@@ -54,7 +54,6 @@ from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
 from titan_rw import compat
-from titan_rw.checkpointing import json_tensor, load_plain, rng_state, set_rng_state
 from titan_rw.eval.periodic import PeriodicEvalConfig
 from titan_rw.fault_injection import FaultInjection
 from titan_rw.faults import NonFiniteSkipOptimizers, RowAudit, StopGuard
@@ -65,6 +64,7 @@ from titan_rw.models import FLAVORS, describe, portable_init
 from titan_rw.observability.run_logger import FaultCounters, RunLogger, StepRecord
 from titan_rw.observability.wandb_sink import require_wandb
 from titan_rw.reweight import ReweightConfig
+from titan_rw.train_state import TrainState
 
 # Parallelisms the reweighted step cannot run under, and why (checked by the trainer itself, before
 # TorchTitan builds anything; titan_rw.config refuses them earlier with the file's name).
@@ -114,7 +114,22 @@ def _skipping_optimizer(opt) -> NonFiniteSkipOptimizers.Config:
     return NonFiniteSkipOptimizers.Config(**{f.name: getattr(opt, f.name) for f in dataclasses.fields(OptimizersContainer.Config)})
 
 
-class ReweightTrainer(Trainer):
+def describe_reweighting(rw: ReweightConfig, *, group_b: int, accumulation: int, max_documents_per_row: int,
+                         dp_size: int) -> str:
+    """The run's one reweighting line: strategy, temperature schedule, cap, scope and group size b."""
+    return (
+        f"titan_rw reweighting: strategy={rw.strategy} r={rw.temperature} "
+        + (f"(uniform burn-in for {rw.warmup_steps} steps, then {rw.anneal}) " if rw.warmup_mode == "uniform"
+           else f"(warm-up r={rw.warmup_temperature} for {rw.warmup_steps} steps, {rw.anneal}) ")
+        + f"cap={rw.cap} "
+        f"scope={rw.scope} b={group_b if rw.scope == 'microbatch' else group_b * accumulation} "
+        + (f"rows, granularity=document (≤ {max_documents_per_row} fragments per row, < {rw.min_document_tokens} tokens "
+           f"kept at their token share) " if max_documents_per_row > 1 else "") +
+        f"dp={dp_size} accumulation={accumulation}"
+    )
+
+
+class ReweightTrainer(TrainState, Trainer):
     @dataclass(kw_only=True, slots=True)
     class Config(Trainer.Config):
         reweight: ReweightConfig = field(default_factory=ReweightConfig)
@@ -186,16 +201,8 @@ class ReweightTrainer(Trainer):
             self.checkpointer.before_save = self._before_checkpoint
         if config.model_spec is not None and config.model_spec.flavor in FLAVORS:
             logger.info(describe(config.model_spec.flavor))
-        logger.info(
-            f"titan_rw reweighting: strategy={rw.strategy} r={rw.temperature} "
-            + (f"(uniform burn-in for {rw.warmup_steps} steps, then {rw.anneal}) " if rw.warmup_mode == "uniform"
-               else f"(warm-up r={rw.warmup_temperature} for {rw.warmup_steps} steps, {rw.anneal}) ")
-            + f"cap={rw.cap} "
-            f"scope={rw.scope} b={self.group_b if rw.scope == 'microbatch' else self.group_b * self.gradient_accumulation_steps} "
-            + (f"rows, granularity=document (≤ {self.max_documents_per_row} fragments per row, < {rw.min_document_tokens} tokens "
-               f"kept at their token share) " if self.max_documents_per_row > 1 else "") +
-            f"dp={self.dp_size} accumulation={self.gradient_accumulation_steps}"
-        )
+        logger.info(describe_reweighting(rw, group_b=self.group_b, accumulation=self.gradient_accumulation_steps,
+                                         max_documents_per_row=self.max_documents_per_row, dp_size=self.dp_size))
 
     # ------------------------------------------------------------------ the step's body
     def _per_sample(self, inputs, labels, extra_kwargs, mb_index: int = 0):
@@ -340,31 +347,6 @@ class ReweightTrainer(Trainer):
             self.audit.flush()
 
     # ------------------------------------------------------------------ the loop
-    def resume(self) -> int:
-        """Load the newest complete checkpoint (or `checkpoint.load_step`); the step resumed from.
-        The optimizer's hyperparameters are this run's config (docs/resuming.md, "Changed optimizer
-        keys"): the checkpoint's param groups would otherwise keep its lr for the first step."""
-        configured = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
-                      for o in self.optimizers.optimizers]
-        self.checkpointer.load(step=self.config.checkpoint.load_step)
-        self._apply_configured_hyperparameters(configured)
-        if self.step:
-            logger.info(f"titan_rw: resumed from the checkpoint of step {self.step} "
-                        f"(data cursor, optimizer, LR and temperature schedules, RNG restored)")
-        self._resumed = True
-        return self.step
-
-    def _apply_configured_hyperparameters(self, configured: list[list[dict]]) -> None:
-        """Every param group's hyperparameters as this run's optimizer built them, and its lr at the
-        loaded schedule position (TorchTitan's LR load recomputes it from this run's base lr)."""
-        for o, sched, groups in zip(self.optimizers.optimizers, self.lr_schedulers.schedulers, configured):
-            for g, hp, lr in zip(o.param_groups, groups, sched.get_last_lr()):
-                g.update({k: v for k, v in hp.items() if k != "lr"})
-                if isinstance(g["lr"], torch.Tensor):
-                    g["lr"].fill_(lr)
-                else:
-                    g["lr"] = lr
-
     @record
     def train(self):
         """TorchTitan's loop, plus: resume from the newest complete checkpoint (logged; `resume()`
@@ -415,40 +397,6 @@ class ReweightTrainer(Trainer):
         if self.audit is not None:
             self.audit.flush()
         self.stop_guard.check_before_save(step, self.run_logger.failure)
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """TorchTitan's train state (step, ntokens_seen) + ours as one JSON value in a uint8 tensor
-        (`titan_rw.checkpointing.json_tensor`: no pickle; DCP stores it once, any world size loads
-        it): the temperature schedule, the RunLogger (rank 0's), the skip counters, the RNG states
-        (rank 0's: TorchTitan seeds every DP rank alike) and the run config (the resume check)."""
-        sd = Trainer.state_dict(self)
-        extra = {
-            "temperature_last_step": self.temperature_schedule.last_step,
-            "run_logger": self.run_logger.state_dict(),
-            **self.optimizers.skip_state(),
-            "rng": rng_state(),
-            "run_values": self.config.run_values,  # the resume check (titan_rw.checkpointing)
-        }
-        if self.world_size > 1:  # only rank 0's RunLogger is enabled; one value on every rank
-            box = [extra]
-            torch.distributed.broadcast_object_list(box, src=0)
-            extra = box[0]
-        sd["titan_rw"] = json_tensor(extra)
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Also reads the pickled bytes of checkpoints of earlier versions (version 1), as plain data
-        only (`titan_rw.checkpointing.load_plain`)."""
-        Trainer.load_state_dict(self, state_dict)
-        raw = state_dict.get("titan_rw")
-        if raw is not None:
-            extra = load_plain(raw, "train_state.titan_rw")
-            self.temperature_schedule.last_step = int(extra["temperature_last_step"])
-            self.run_logger.load_state_dict(extra["run_logger"])
-            self.optimizers.load_skip_state(extra)
-            set_rng_state(extra["rng"])
-        self.run_logger.resumed_at(self.step)
 
     def close(self) -> None:
         write_failed = self.run_logger is not None and not self.run_logger.finish()  # idempotent
