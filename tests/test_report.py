@@ -92,21 +92,26 @@ def test_report_clear_errors(tmp_path, capsys):
     assert re.search(r"empty.metrics\.jsonl: empty metrics file", err), err
 
 
-def test_fig6_leaves_out_the_warmup_steps(tmp_path, monkeypatch):
-    """Figure 6 shows the strategy's steps: the warm-up temperature's steps (run_config.toml) are out."""
+def _fig6(tmp_path, monkeypatch, name: str, rows: list[dict], warmup_steps: int, panels: int = 1):
+    """Figure 6 drawn from one run folder of `rows` (shown `panels` times): the saved figure."""
     from titan_rw import report
 
-    run = tmp_path / "exp2"
+    run = tmp_path / name
     run.mkdir()
-    rows = [{"step": s, "loss": 3.0, "weighted_loss": 3.0, "max_weight": 0.5 if s <= 5 else 0.01 + 0.001 * s,
-             "max_weight_bound": 2 / 128, "b": 128, "bound_ratio": 0.5} for s in range(1, 21)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run / "run_config.toml").write_text("[reweight]\nwarmup_steps = 5\n")
+    (run / "run_config.toml").write_text(f"[reweight]\nwarmup_steps = {warmup_steps}\n")
     figs = []
     real_save = report._save
     monkeypatch.setattr(report, "_save", lambda fig, path: (figs.append(fig), real_save(fig, path))[1])
-    report.fig6([report.Run(str(run))], str(tmp_path / "fig6.png"))
-    (ax,) = figs[0].axes
+    report.fig6([report.Run(str(run))] * panels, str(tmp_path / "fig6.png"))
+    return figs[0]
+
+
+def test_fig6_leaves_out_the_warmup_steps(tmp_path, monkeypatch):
+    """Figure 6 shows the strategy's steps: the warm-up temperature's steps (run_config.toml) are out."""
+    rows = [{"step": s, "loss": 3.0, "weighted_loss": 3.0, "max_weight": 0.5 if s <= 5 else 0.01 + 0.001 * s,
+             "max_weight_bound": 2 / 128, "b": 128, "bound_ratio": 0.5} for s in range(1, 21)]
+    (ax,) = _fig6(tmp_path, monkeypatch, "exp2", rows, warmup_steps=5).axes
     assert "15 steps, warm-up steps 1-5 excluded" in ax.get_title()
     assert sum(p.get_height() for p in ax.patches) == 15 and ax.get_xlim()[1] < 0.1  # the 0.5 outliers are out
 
@@ -114,21 +119,11 @@ def test_fig6_leaves_out_the_warmup_steps(tmp_path, monkeypatch):
 def test_fig6_titles_fit_inside_the_figure(tmp_path, monkeypatch):
     """Every panel title of Figure 6, as rendered in the saved figure, lies inside the figure's
     width (a long run name with the warm-up note ran off both edges of the PNG)."""
-    from titan_rw import report
-
-    run = tmp_path / "linupper_r1_cap2_seed0_a_rather_long_run_name"
-    run.mkdir()
-    rows = [{"step": s, "loss": 3.0, "weighted_loss": 3.0, "max_weight": 0.01 + 0.001 * s, "strategy": "linupper",
-             "max_weight_bound": 2 / 128, "b": 128, "bound_ratio": 0.5} for s in range(1, 201)]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run / "run_config.toml").write_text("[reweight]\nwarmup_steps = 100\n")
-    figs = []
-    real_save = report._save
-    monkeypatch.setattr(report, "_save", lambda fig, path: (figs.append(fig), real_save(fig, path))[1])
-    report.fig6([report.Run(str(run))] * 2, str(tmp_path / "fig6.png"))
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    fig = figs[0]
+    rows = [{"step": s, "loss": 3.0, "weighted_loss": 3.0, "max_weight": 0.01 + 0.001 * s, "strategy": "linupper",
+             "max_weight_bound": 2 / 128, "b": 128, "bound_ratio": 0.5} for s in range(1, 201)]
+    fig = _fig6(tmp_path, monkeypatch, "linupper_r1_cap2_seed0_a_rather_long_run_name", rows, warmup_steps=100, panels=2)
     canvas = FigureCanvasAgg(fig)  # pyplot closed the figure; draw it again at its saved layout
     canvas.draw()
     renderer = canvas.get_renderer()
