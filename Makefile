@@ -6,7 +6,7 @@ STEPS ?=
 # tests wait on subprocesses (one worker used 1.1 cores): on 2 cores 2 workers took the suite
 # from 21.6 to 15.1 minutes (2026-11-30, 473 tests). With 676 tests: 17.9 minutes on 2 workers
 # and the same on 3 (the two cores are then busy), on a quiet machine (2026-11-30). With 839 tests
-# (Slurm, two hosts, torch 2.11/2.15 smokes): 22.2 minutes on 2 workers (2026-12-03, .ci/run).
+# (Slurm, two hosts, torch 2.11/2.15 smokes): 22.2 minutes on 2 workers (2026-12-03, .ci/run), 23.1 on 3.
 TEST_WORKERS ?= 2
 
 .PHONY: setup train test clean
