@@ -80,10 +80,26 @@ def offline(monkeypatch, tmp_path):
     return attempts
 
 
+LOCAL_TASKS = ["titan_rw_local_mc", "titan_rw_local_ppl"]
+
+
 def _local_tm():
     from titan_rw.eval.runner import task_manager
 
-    return task_manager()
+    return task_manager(tasks=LOCAL_TASKS)
+
+
+def test_local_tasks_alone_skip_the_index_of_lm_evals_own_tasks():
+    """Only shipped tasks asked for: a TaskManager of the shipped folder alone (lm-eval's thousands of
+    task configs are not read); any other task: the full index, in which the shipped tasks are too."""
+    from titan_rw.eval.runner import task_manager
+
+    own = task_manager(tasks=LOCAL_TASKS)
+    assert set(LOCAL_TASKS) <= set(own.task_index) and "hellaswag" not in own.task_index
+    assert all(not str(e.yaml_path).startswith(os.path.dirname(__import__("lm_eval").__file__))
+               for e in own.task_index.values() if getattr(e, "yaml_path", None))
+    full = task_manager(tasks=["titan_rw_local_mc", "hellaswag"])
+    assert full is task_manager() and {"hellaswag", *LOCAL_TASKS} <= set(full.task_index)
 
 
 def test_simple_evaluate_local_tasks(run_dir, lm, offline):

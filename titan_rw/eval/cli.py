@@ -92,7 +92,7 @@ def download_main(tasks: str, include_path: str | None) -> int:
     from titan_rw.eval.runner import load_tasks, task_manager
 
     specs = expand(tasks)
-    load_tasks(specs, task_manager(include_path))
+    load_tasks(specs, task_manager(include_path, [s.task for s in specs]))
     print(f"titan-rw eval: datasets of {len(specs)} task(s) are in {hf_home()}; offline runs can use them")
     return 0
 
@@ -121,7 +121,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         from titan_rw.eval.runner import check_packages, load_tasks, task_manager
 
         check_packages(specs)
-        objs = load_tasks(specs, task_manager(args.include_path))
+        objs = load_tasks(specs, task_manager(args.include_path, [s.task for s in specs]))
 
         t0 = time.perf_counter()
         lm = TitanRWLM(checkpoint=args.checkpoint, flavor=args.flavor, tokenizer=args.tokenizer, step=args.step,

@@ -76,14 +76,26 @@ def set_offline(offline: bool = True) -> None:
 _TM: dict[tuple, Any] = {}
 
 
-def task_manager(include_path: str | list[str] | None = None):
-    """lm-eval TaskManager that also knows the shipped local tasks (cached per include path)."""
+def task_manager(include_path: str | list[str] | None = None, tasks: list[str] | None = None):
+    """lm-eval TaskManager that also knows the shipped local tasks (cached per include path).
+
+    With `tasks` given and every one of them found in the shipped tasks and `include_path` alone
+    (`--tasks local`, the periodic eval's default), lm-eval's own task configs (thousands of YAML
+    files: ~11 s of CPU) are not indexed; any other task gets the full index."""
+    paths = [TASKS_DIR] + ([include_path] if isinstance(include_path, str) else list(include_path or []))
+    if tasks is not None:
+        own = _task_manager(tuple(paths), include_defaults=False)
+        if all(t in own.task_index for t in tasks):
+            return own
+    return _task_manager(tuple(paths), include_defaults=True)
+
+
+def _task_manager(paths: tuple[str, ...], include_defaults: bool):
     from lm_eval.tasks import TaskManager
 
-    paths = [TASKS_DIR] + ([include_path] if isinstance(include_path, str) else list(include_path or []))
-    key = tuple(paths)
+    key = (paths, include_defaults)
     if key not in _TM:
-        _TM[key] = TaskManager(include_path=paths)
+        _TM[key] = TaskManager(include_path=list(paths), include_defaults=include_defaults)
     return _TM[key]
 
 
@@ -115,7 +127,7 @@ def _dataset_of(tm, task: str, err: BaseException) -> tuple[str, str | None]:
 
 def load_tasks(specs: list[TaskSpec], tm=None) -> list[Any]:
     """lm-eval Task/Group objects for the specs, shots set; MissingDatasetError lists all failures."""
-    tm = tm or task_manager()
+    tm = tm or task_manager(tasks=[s.task for s in specs])
     objs, missing, unknown = [], [], []
     for spec in specs:
         if spec.task not in tm.task_index:
@@ -165,7 +177,7 @@ def evaluate(lm, specs: list[TaskSpec], *, limit: int | float | None = None, off
     check_packages(specs)
     from lm_eval import simple_evaluate
 
-    tm = task_manager(include_path)
+    tm = task_manager(include_path, [s.task for s in specs])
     objs = load_tasks(specs, tm) if objs is None else objs
     out = simple_evaluate(
         model=lm, tasks=objs, limit=limit, task_manager=tm, bootstrap_iters=bootstrap_iters,
