@@ -8,7 +8,7 @@ STEPS ?=
 # and the same on 3 (the two cores are then busy), on a quiet machine (2026-11-30). With 839 tests
 # (Slurm, two hosts, torch 2.11/2.15 smokes): 22.2 minutes on 2 workers (2026-12-03, .ci/run), 23.1 on 3.
 # With 840 tests: 12.1 minutes (2026-12-04, .ci/run on a fresh clone), 1,290 s of CPU, 172 % of 2 cores:
-# the wall time follows the load of the machine (the 22.2 minutes had another core's worth of work beside them).
+# the wall time follows the load of the machine (the 22.2 minutes most likely had another core's worth of work beside them).
 TEST_WORKERS ?= 2
 
 .PHONY: setup train test clean
